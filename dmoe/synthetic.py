@@ -59,7 +59,7 @@ def write_synthetic(cfg: ModelConfig, qtype: QT, path: str, seed: int = 0, progr
         from dmoe.tokenizer import write_tokenizer_metadata
 
         def tokenizer(w):  # type: ignore[no-untyped-def]
-            write_tokenizer_metadata(w, tokenizer_json, chat_template, None, cfg.vocab_size)
+            write_tokenizer_metadata(w, tokenizer_json, chat_template, None, vocab_size=cfg.vocab_size)
 
     return write_model(
         path, cfg, qtype, lambda name: random_chunks(shapes[name], types[name], rng, len(shapes[name]) == 1),
