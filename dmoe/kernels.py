@@ -1,0 +1,255 @@
+"""Weight kernels: matrix x vector, matrix x matrix and the MoE expert block, for ggml's Q4_0, Q8_0,
+F32, F16 and BF16 weights. This is the hot path of decoding.
+
+Weights arrive as raw bytes (zero-copy views of the mapped model file) and are repacked once at
+load into groups of R interleaved rows (see kernels_formats.py for the layout and the error of the
+Q8_0 activation used with quantised weights). The drivers here are written once for every format:
+the per-format pieces (`prepare`, `dot_group`) are chosen by numba at compile time from the weight
+array's dtype.
+
+Shapes: T tokens, k experts per token, d hidden, ff expert FFN width, E local experts,
+S = T * k routed (token, expert) slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+from .kernels_formats import QK, R, dot_group, prepare, repack_float, repack_quant
+from .kernels_llvm import stack_array
+
+__all__ = ["Weight", "ExpertWeights", "pack_weight", "pack_experts", "moe_forward"]
+
+TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
+_ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
+
+_QUANT = {QT.Q4_0: (np.uint8, 16, 18), QT.Q8_0: (np.int8, 32, 34)}  # storage, bytes per block row, block
+_FLOAT = {QT.F32: (np.float32, np.uint32, 4), QT.F16: (np.uint16, np.uint16, 2), QT.BF16: (np.int16, np.uint16, 2)}
+
+
+class ExpertWeights:
+    """E matrices [rows, cols] repacked for the kernels (E = 1 for a plain `Weight`)."""
+
+    def __init__(self, n_experts: int, rows: int, cols: int, qtype: QT) -> None:
+        self.n_experts, self.rows, self.cols, self.qtype = n_experts, rows, cols, QT(qtype)
+        groups = -(-rows // R)
+        if self.qtype in _QUANT:
+            dtype, nq, _ = _QUANT[self.qtype]
+            if cols % QK:
+                raise ValueError(f"{self.qtype.name} weights need cols divisible by {QK}, got {cols}")
+            self.data = np.zeros((n_experts, groups, cols // QK, nq, R), dtype)  # [E, G, nb, nq, R]
+            self.scales = np.zeros((n_experts, groups, cols // QK, R), np.uint16)  # [E, G, nb, R] f16 bits
+        elif self.qtype in _FLOAT:
+            self.data = np.zeros((n_experts, groups, cols, R), _FLOAT[self.qtype][0])  # [E, G, cols, R]
+            self.scales = np.zeros((n_experts, 0, 0, 0), np.uint16)  # unused
+        else:
+            raise ValueError(f"unsupported weight type {self.qtype.name}")
+        self.quantised = self.qtype in _QUANT
+
+    def row_bytes(self) -> int:
+        """Bytes of one row in ggml's layout."""
+        if self.quantised:
+            return self.cols // QK * _QUANT[self.qtype][2]
+        return self.cols * _FLOAT[self.qtype][2]
+
+    def _repack(self, raw: np.ndarray, row0: int) -> None:
+        """Copy ggml rows raw [E, n, row_bytes] (uint8, any strides) into rows row0.. of every matrix."""
+        if raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != self.row_bytes():
+            raise ValueError(
+                f"{self.qtype.name} rows of {self.cols} columns need uint8 [E, rows, {self.row_bytes()}] bytes, "
+                f"got {raw.dtype} {raw.shape}"
+            )
+        if self.quantised:
+            repack_quant(raw, row0, _QUANT[self.qtype][2], self.data, self.scales)
+        else:
+            repack_float(raw, row0, self.data.view(_FLOAT[self.qtype][1]))
+
+
+class Weight(ExpertWeights):
+    """One matrix [rows, cols]: out = W @ x."""
+
+    def __init__(self, rows: int, cols: int, qtype: QT) -> None:
+        super().__init__(1, rows, cols, qtype)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
+        """x f32[cols] -> out f32[rows] (overwritten)."""
+        self.matmul(x[None], out[None])
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
+        """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
+        _matmul(self.data, self.scales, _activation(x, self.quantised, "x"), x.shape[0], _iota(x.shape[0]), out)
+
+
+def pack_weight(parts: list[np.ndarray], qtype: QT, cols: int) -> Weight:
+    """Repack ggml rows into a `Weight`. parts: 2-D uint8 [rows_i, row_bytes] views (any strides, e.g.
+    a subset of a tensor's rows and a block-aligned subset of each row's bytes), stacked along rows."""
+    w = Weight(sum(p.shape[0] for p in parts), cols, qtype)
+    row0 = 0
+    for p in parts:
+        w._repack(p[None], row0)
+        row0 += p.shape[0]
+    return w
+
+
+def pack_experts(raw: np.ndarray, qtype: QT, cols: int) -> ExpertWeights:
+    """Repack ggml expert matrices raw uint8 [E, rows, row_bytes] (any strides) into `ExpertWeights`."""
+    w = ExpertWeights(raw.shape[0], raw.shape[1], cols, qtype)
+    w._repack(raw, 0)
+    return w
+
+
+def moe_forward(
+    gate: ExpertWeights,
+    up: ExpertWeights,
+    down: ExpertWeights,
+    h: np.ndarray,
+    ids: np.ndarray,
+    weights: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """out[t] = sum over j with ids[t, j] >= 0 of weights[t, j] * down[e] @ (silu(gate[e] @ h[t]) * (up[e] @ h[t])),
+    e = ids[t, j]; out f32[T, d] is overwritten. h f32[T, d], ids int32[T, k] (-1: not this rank's),
+    weights f32[T, k]. Slots are grouped by expert, so each expert's weights are read once per call
+    and applied to all of its tokens (one matrix x matrix product per active expert)."""
+    if gate.quantised != up.quantised:
+        raise ValueError("gate and up weights must both be quantised or both float")
+    n_tok, k = ids.shape
+    s = _moe_scratch(gate.n_experts, gate.data.shape[1] * R, n_tok * k)
+    _moe(
+        gate.data, gate.scales, up.data, up.scales, down.data, down.scales, down.cols,
+        _activation(h, gate.quantised, "moe_h"), ids, weights, out,
+        _activation(s["act"], down.quantised, "moe_act"),
+        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers (one prange each, so one parallel launch per phase).
+
+
+@njit(parallel=True, cache=True)
+def _matmul(w, s, act, n_tok, iota, out):
+    """out[t, :] = W[0] @ act.x[t] for t < n_tok."""
+    x = act[0]
+    for t in range(n_tok):
+        prepare(w, act, t, 0, x.shape[1])
+    rows = out.shape[1]
+    n_tiles = (n_tok + TT - 1) // TT
+    for it in prange(w.shape[1] * n_tiles):
+        g, t0 = it // n_tiles, it % n_tiles * TT
+        nt = min(TT, n_tok - t0)
+        acc = stack_array(_ACC, np.float32, (TT, R))
+        acc[:nt] = 0
+        dot_group(w, s, 0, g, act, iota[t0 : t0 + nt], nt, acc)
+        for i in range(nt):
+            for r in range(min(R, rows - g * R)):
+                out[t0 + i, g * R + r] = acc[i, r]
+
+
+@njit(parallel=True, cache=True)
+def _moe(gw, gs, uw, us, dw, ds, ff, hact, ids, weights, out, aact, offsets, fill, slot_tok, slot_w, items, iota):
+    """See moe_forward. hact = (h, hq, hd, hs) for h [T, d]; aact: the same for the intermediate
+    activation [S, ffp] in expert order; offsets [E+1], fill [E]: per expert slot ranges."""
+    n_tok, k = ids.shape
+    n_exp, g_ff = gw.shape[0], gw.shape[1]
+    for t in range(n_tok):
+        prepare(gw, hact, t, 0, hact[0].shape[1])
+
+    # Route: counting sort of the (token, expert) slots by expert.
+    offsets[:] = 0
+    for t in range(n_tok):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                offsets[ids[t, j] + 1] += 1
+    for e in range(n_exp):
+        offsets[e + 1] += offsets[e]
+    fill[:] = offsets[:n_exp]
+    for t in range(n_tok):
+        for j in range(k):
+            e = ids[t, j]
+            if e >= 0:
+                slot_tok[fill[e]], slot_w[fill[e]] = t, weights[t, j]
+                fill[e] += 1
+    n_items = 0
+    for e in range(n_exp):
+        for p0 in range(offsets[e], offsets[e + 1], TT):
+            for g in range(g_ff):
+                items[n_items, 0], items[n_items, 1], items[n_items, 2] = e, g, p0
+                n_items += 1
+
+    # Phase A: act[p, rows of group g] = silu(gate . h) * (up . h) for slots p of expert e.
+    act = aact[0]
+    for it in prange(n_items):
+        e, g, p0 = items[it, 0], items[it, 1], items[it, 2]
+        n = min(TT, offsets[e + 1] - p0)
+        acc_g = stack_array(_ACC, np.float32, (TT, R))
+        acc_u = stack_array(_ACC, np.float32, (TT, R))
+        acc_g[:n] = 0
+        acc_u[:n] = 0
+        dot_group(gw, gs, e, g, hact, slot_tok[p0 : p0 + n], n, acc_g)
+        dot_group(uw, us, e, g, hact, slot_tok[p0 : p0 + n], n, acc_u)
+        for i in range(n):
+            for r in range(R):
+                a = acc_g[i, r]
+                act[p0 + i, g * R + r] = a / (np.float32(1.0) + np.exp(-a)) * acc_u[i, r]
+            prepare(dw, aact, p0 + i, g * R, min(g * R + R, ff))
+
+    # Phase B: out[t, rows of group g] = sum over slots of w * down . act, each group by one thread.
+    d = out.shape[1]
+    for g in prange(dw.shape[1]):
+        rows = min(R, d - g * R)
+        out[:, g * R : g * R + rows] = 0
+        acc = stack_array(_ACC, np.float32, (TT, R))
+        for e in range(n_exp):
+            for p0 in range(offsets[e], offsets[e + 1], TT):
+                n = min(TT, offsets[e + 1] - p0)
+                acc[:n] = 0
+                dot_group(dw, ds, e, g, aact, iota[p0 : p0 + n], n, acc)
+                for i in range(n):
+                    t, wt = slot_tok[p0 + i], slot_w[p0 + i]
+                    for r in range(rows):
+                        out[t, g * R + r] += wt * acc[i, r]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch: allocated once per size and reused, so the decode loop allocates nothing.
+
+_scratch: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, make):  # noqa: ANN001, ANN202 - a tiny memo
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = _scratch[key] = make()
+    return buf
+
+
+def _iota(n: int) -> np.ndarray:
+    return _cached(("iota", n), lambda: np.arange(n, dtype=np.int32))
+
+
+def _activation(x: np.ndarray, quantised: bool, role: str) -> tuple:
+    """(x, xq, xd, xs): x and buffers for its Q8_0 form (empty when the weights are float); one set per
+    role and size, so that the two activations of moe_forward never share one."""
+    n, cols = x.shape
+    nb = cols // QK if quantised else 0
+    q = _cached((role, n, nb), lambda: (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32),
+                                        np.zeros((n, nb), np.int16)))  # fmt: skip
+    return (x, *q)
+
+
+def _moe_scratch(n_exp: int, ffp: int, n_slots: int) -> dict[str, np.ndarray]:
+    def make() -> dict[str, np.ndarray]:
+        max_items = (n_slots // TT + min(n_exp, n_slots) + 1) * (ffp // R)
+        return {
+            "act": np.zeros((n_slots, ffp), np.float32),  # [S, ffp] silu(gate) * up, slots in expert order
+            "offsets": np.zeros(n_exp + 1, np.int64),  # [E+1] first slot of each expert
+            "fill": np.zeros(n_exp, np.int64),  # [E]
+            "slot_tok": np.zeros(n_slots, np.int32),  # [S] token of each slot
+            "slot_w": np.zeros(n_slots, np.float32),  # [S] router weight of each slot
+            "items": np.zeros((max_items, 3), np.int64),  # phase A work: (expert, row group, first slot)
+        }
+
+    return _cached(("moe", n_exp, ffp, n_slots), make)

@@ -1,0 +1,136 @@
+"""Weight kernels against slow, obviously-correct numpy twins: dequantise with gguf, multiply in float64.
+
+Tolerances. Float weights (F32/F16/BF16) use the f32 activation, so they must agree to float32
+summation noise: |out - ref| <= 1e-5 * (|W| @ |x|). Quantised weights (Q4_0/Q8_0) multiply a Q8_0
+copy of the activation, whose rounding errs by at most half a step, max|x in block| / 254, per
+element: |out - ref| <= sum over blocks of (sum |w| in block) * max|x in block| / 254, plus noise.
+The MoE block quantises twice (h, then the [k, ff] intermediate); its bound is checked loosely as
+a fraction of the output's scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from dmoe.kernels import moe_forward, pack_experts, pack_weight
+
+QTYPES = [QT.Q4_0, QT.Q8_0, QT.F32, QT.F16, QT.BF16]
+QUANTISED = {QT.Q4_0, QT.Q8_0}
+
+
+def make_raw(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """ggml bytes of w [..., cols] as uint8 [..., row_bytes], as a mapped file would hold them."""
+    q = quantize(w.astype(np.float32), qtype)
+    return np.ascontiguousarray(q).view(np.uint8).reshape(*w.shape[:-1], -1)
+
+
+def twin(raw: np.ndarray, qtype: QT) -> np.ndarray:
+    """The weights the kernels must reproduce, in float64."""
+    return dequantize(raw, qtype).astype(np.float64)
+
+
+def q8_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Worst-case error [T, rows] of w @ x from rounding x [T, cols] to Q8_0 blocks."""
+    t, cols = x.shape
+    wb = np.abs(w).reshape(w.shape[0], cols // 32, 32).sum(-1)  # [rows, nb]
+    xb = np.abs(x).reshape(t, cols // 32, 32).max(-1) / 254  # [T, nb]
+    return xb @ wb.T
+
+
+def check_matmul(out: np.ndarray, w: np.ndarray, x: np.ndarray, qtype: QT) -> None:
+    ref = x.astype(np.float64) @ w.T
+    noise = 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    bound = noise + (q8_bound(w, x) if qtype in QUANTISED else 0)
+    assert np.all(np.abs(out - ref) <= bound), np.max(np.abs(out - ref) / bound)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(("rows", "cols", "n_tok"), [(1, 32, 1), (37, 96, 1), (130, 320, 3), (70, 64, 40)])
+def test_matmul(qtype: QT, rows: int, cols: int, n_tok: int) -> None:
+    rng = np.random.default_rng(rows * cols + n_tok)
+    raw = make_raw(rng.standard_normal((rows, cols)), qtype)
+    w = pack_weight([raw[: rows // 3], raw[rows // 3 :]], qtype, cols)
+    assert (w.rows, w.cols, w.qtype) == (rows, cols, qtype)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    out = np.full((n_tok, rows), np.nan, np.float32)
+    w.matmul(x, out)
+    check_matmul(out, twin(raw, qtype), x, qtype)
+    vec = np.full(rows, np.nan, np.float32)
+    w.matvec(x[0], vec)
+    np.testing.assert_array_equal(vec, out[0])
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_pack_weight_from_sliced_views(qtype: QT) -> None:
+    """Parts are strided views: a subset of rows and a block-aligned subset of each row's bytes."""
+    rng = np.random.default_rng(1)
+    full = make_raw(rng.standard_normal((90, 256)), qtype)  # [90, row_bytes(256)]
+    b0, b1 = (c * full.shape[1] // 256 for c in (64, 192))  # bytes of columns 64..191: block-aligned
+    cols = 128
+    parts = [full[5:30, b0:b1], full[50:83:2, b0:b1]]
+    w = pack_weight(parts, qtype, cols)
+    dense = np.concatenate([twin(p, qtype) for p in parts])
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    out = np.zeros((2, w.rows), np.float32)
+    w.matmul(x, out)
+    check_matmul(out, dense, x, qtype)
+
+
+def moe_twin(gate, up, down, h, ids, weights):  # noqa: ANN001, ANN201 - plain arrays
+    out = np.zeros(h.shape, np.float64)
+    for t in range(h.shape[0]):
+        for j, e in enumerate(ids[t]):
+            if e >= 0:
+                g, u = gate[e] @ h[t], up[e] @ h[t]
+                out[t] += weights[t, j] * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(
+    ("n_exp", "d", "ff", "n_tok", "k"), [(5, 96, 64, 1, 2), (9, 160, 96, 7, 8), (6, 64, 160, 40, 3)]
+)
+def test_moe_forward(qtype: QT, n_exp: int, d: int, ff: int, n_tok: int, k: int) -> None:
+    rng = np.random.default_rng(n_exp * d + n_tok)
+    raws = [make_raw(rng.standard_normal(s) * 0.3, qtype) for s in ((n_exp, ff, d), (n_exp, ff, d), (n_exp, d, ff))]
+    gate, up, down = (pack_experts(r, qtype, c) for r, c in zip(raws, (d, d, ff), strict=True))
+    h = rng.standard_normal((n_tok, d)).astype(np.float32)
+    ids = np.stack([rng.choice(n_exp, k, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    ids[rng.random(ids.shape) < 0.3] = -1  # experts owned by other ranks
+    weights = rng.random((n_tok, k)).astype(np.float32)
+    out = np.full((n_tok, d), np.nan, np.float32)
+    moe_forward(gate, up, down, h, ids, weights, out)
+    ref = moe_twin(*(twin(r, qtype) for r in raws), h.astype(np.float64), ids, weights)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < (2e-2 if qtype in QUANTISED else 1e-5), err
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.F16])
+def test_pack_experts_from_sliced_view(qtype: QT) -> None:
+    """A subset of experts, of rows and of each row's blocks; and tokens with no local expert."""
+    rng = np.random.default_rng(2)
+    full = [make_raw(rng.standard_normal(s), qtype) for s in ((6, 128, 96), (6, 128, 96), (6, 96, 128))]
+    b0, b1 = (c * full[2].shape[2] // 128 for c in (32, 96))  # bytes of down's columns 32..95
+    gate_raw, up_raw = (f[1:6:2, 32:96, :] for f in full[:2])  # experts 1, 3, 5; ff rows 32..95
+    down_raw = full[2][1:6:2, :, b0:b1]  # the matching ff columns
+    gate, up = (pack_experts(r, qtype, 96) for r in (gate_raw, up_raw))
+    down = pack_experts(down_raw, qtype, 64)
+    h = rng.standard_normal((3, 96)).astype(np.float32)
+    ids = np.array([[0, 2], [-1, -1], [1, -1]], np.int32)
+    weights = np.ones((3, 2), np.float32)
+    out = np.full((3, 96), np.nan, np.float32)
+    moe_forward(gate, up, down, h, ids, weights, out)
+    ref = moe_twin(*(twin(r, qtype) for r in (gate_raw, up_raw, down_raw)), h.astype(np.float64), ids, weights)
+    assert np.all(out[1] == 0)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < (2e-2 if qtype in QUANTISED else 1e-5)
+
+
+def test_rejects_bad_shapes() -> None:
+    raw = make_raw(np.ones((4, 64)), QT.Q4_0)
+    with pytest.raises(ValueError, match="cols divisible by 32"):
+        pack_weight([raw], QT.Q4_0, 48)
+    with pytest.raises(ValueError, match="uint8"):
+        pack_weight([raw[:, :18]], QT.Q4_0, 64)
