@@ -144,8 +144,8 @@ class Tokenizer:
         self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
         ends = {self._hf.token_to_id(t) for t in END_OF_TURN_TOKENS} | {eos_token_id}
         self.eos_ids: frozenset[int] = frozenset(i for i in ends if i is not None)
-        added = json.loads(tokenizer_json)["added_tokens"]
-        self.special_ids: frozenset[int] = frozenset(t["id"] for t in added if t["special"])
+        added = self._hf.get_added_tokens_decoder()
+        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
 
     def encode(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
@@ -176,9 +176,8 @@ class Tokenizer:
     def token_bytes(self) -> list[bytes]:
         """Each id's bytes as the ByteLevel decoder sees them (a token spelled outside the byte alphabet,
         like an added one with a space, is its UTF-8), so streaming can cut text at character boundaries."""
-        decoder = json.loads(self.tokenizer_json).get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
-            raise ValueError(f"streaming decode needs a byte-level decoder, not {decoder.get('type')!r}")
+        if not isinstance(self._hf.decoder, tokenizers.decoders.ByteLevel):
+            raise ValueError(f"streaming decode needs a byte-level decoder, not {self._hf.decoder!r}")
         vocab = self._hf.get_vocab(with_added_tokens=True)
         out = [b""] * (max(vocab.values()) + 1)
         for tok, i in vocab.items():
@@ -243,7 +242,10 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> str:
-        return "" if token_id in self._skip else self._utf8.decode(self._bytes[token_id])
+        """The text this id completes; ids past the tokenizer (the model's padding rows) are nothing, as in decode."""
+        if token_id in self._skip or not 0 <= token_id < len(self._bytes):
+            return ""
+        return self._utf8.decode(self._bytes[token_id])
 
     def finish(self) -> str:
         """What a generation that ended inside a character leaves: U+FFFD, as decode() would show it."""
