@@ -1,0 +1,116 @@
+"""Comm: the collectives the engine uses, over MPI (mpi4py's buffer API: no pickling on the hot
+path) or in a world of one process (every collective is a no-op), with the same interface.
+
+Each hot-path call is one named sync point of the forward pass; time spent in them is summed
+in `seconds` so that the timing line can show communication per token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+# Variables that MPI launchers (MPICH's hydra, Open MPI, Slurm's PMI) set in every rank.
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+class LocalComm:
+    """A world of one: the engine's single-process mode, with no MPI imported at all."""
+
+    rank = 0
+    size = 1
+    host = "localhost"
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.bytes_sent = 0
+
+    def allreduce_sum(self, buf: np.ndarray) -> None:
+        pass
+
+    def bcast(self, buf: np.ndarray) -> None:
+        pass
+
+    def gather_rows(self, local: np.ndarray, out: np.ndarray, counts: list[int]) -> None:
+        out[...] = local
+
+    def bcast_obj(self, obj: Any) -> Any:
+        return obj
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def abort(self, code: int) -> None:
+        os._exit(code)
+
+
+class MPIComm:
+    """COMM_WORLD through mpi4py. Import is deferred so that a plain `python launch.py` never loads MPI."""
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self._comm = MPI.COMM_WORLD
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        self.host = MPI.Get_processor_name()
+        self.seconds = 0.0
+        self.bytes_sent = 0
+
+    def allreduce_sum(self, buf: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+        self.seconds += time.perf_counter() - t0
+        self.bytes_sent += buf.nbytes
+
+    def bcast(self, buf: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self._comm.Bcast(buf, root=0)
+        self.seconds += time.perf_counter() - t0
+        if self.rank == 0:
+            self.bytes_sent += buf.nbytes
+
+    def gather_rows(self, local: np.ndarray, out: np.ndarray, counts: list[int]) -> None:
+        """Gather each rank's rows [T, counts[r]] into out [T, sum(counts)] on the root."""
+        t0 = time.perf_counter()
+        T = local.shape[0]
+        sizes = [c * T for c in counts]
+        if self.rank == 0:
+            flat = np.empty(sum(sizes), np.float32)
+            self._comm.Gatherv(np.ascontiguousarray(local), [flat, sizes, None, self._mpi.FLOAT], root=0)
+            col = 0
+            offset = 0
+            for c in counts:
+                out[:, col:col + c] = flat[offset:offset + c * T].reshape(T, c)
+                col += c
+                offset += c * T
+        else:
+            self._comm.Gatherv(np.ascontiguousarray(local), None, root=0)
+            self.bytes_sent += local.nbytes
+        self.seconds += time.perf_counter() - t0
+
+    def bcast_obj(self, obj: Any) -> Any:
+        return self._comm.bcast(obj, root=0)
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return self._comm.allgather(obj)
+
+    def abort(self, code: int) -> None:
+        self._comm.Abort(code)
+
+
+def make_comm() -> LocalComm | MPIComm:
+    """MPI when started by an MPI launcher with more than one rank, else a world of one."""
+    if launched_by_mpi():
+        comm = MPIComm()
+        if comm.size > 1:
+            return comm
+    return LocalComm()

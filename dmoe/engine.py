@@ -1,0 +1,163 @@
+"""Engine: loads one rank's shard, owns the KV cache, runs forward steps; the root drives, workers follow.
+
+The root (rank 0) owns user I/O: it calls `forward`, `truncate`, `close`. Each call first
+broadcasts a small command so that workers, sitting in `serve_forever`, run the same step and
+join the same collectives. With a world of one the broadcasts are no-ops and this is a plain
+single-process engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+
+from dmoe import ops, quant
+from dmoe.comm import LocalComm, MPIComm, make_comm
+from dmoe.model import Layer, RunState
+from dmoe.modelfile import ModelFile
+from dmoe.plan import ShardPlan
+from dmoe.tokenizer import Tokenizer
+from dmoe.weights import load_weights
+
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see ops.F16_TO_F32)
+_FORWARD, _TRUNCATE, _STOP = 1, 2, 3
+DECODE_CAPACITY = 1
+
+
+class ContextFullError(ValueError):
+    """The step would pass the KV cache's length."""
+
+
+class Engine:
+    """One rank's part of the model. Build with `Engine.load`."""
+
+    def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
+                 moe_split: str) -> None:
+        cfg = mf.config
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.config, self.comm, self.file = cfg, comm, mf
+        self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
+        self.nthreads = nthreads
+        numba.set_num_threads(nthreads)
+        self.plan = ShardPlan.make(cfg, comm.size, moe_split)
+        self.shard = self.plan[comm.rank]
+        self.is_root = comm.rank == 0
+        self.weights = load_weights(mf, self.shard, self.is_root)
+        kv_shape = (cfg.num_hidden_layers, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
+        self.k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, Hkv, S, D]
+        self.v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
+        self.kv_bytes = self.k_cache.nbytes + self.v_cache.nbytes
+        self.layers = [Layer(cfg, self.shard, w, self.k_cache[i], self.v_cache[i])
+                       for i, w in enumerate(self.weights.layers)]
+        self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)
+        self._states: dict[int, RunState] = {}
+        self._header = np.zeros(4, np.int64)  # [command, T, position, all_logits]
+        self.tokens: list[int] = []  # the ids whose keys and values are in the cache
+        self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
+
+    @classmethod
+    def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
+             moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None) -> Engine:
+        """Open `path` and load this rank's shard. nthreads defaults to this host's cores divided by
+        the ranks on it."""
+        comm = comm or make_comm()
+        if nthreads is None:
+            on_host = comm.allgather_obj(comm.host).count(comm.host)
+            nthreads = max(1, (os.cpu_count() or 1) // on_host)
+        nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+        return cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split)
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    # ---- the root's API -------------------------------------------------------------------------
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run `ids` at the end of the cached sequence; returns float32 logits [T, vocab] for every
+        position (all_logits) or [1, vocab] for the last."""
+        T = len(ids)
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if self.position + T > self.max_seq_len:
+            raise ContextFullError(
+                f"{self.position + T} tokens do not fit the context of {self.max_seq_len} (--max-seq-len)")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        self._header[:] = (_FORWARD, T, self.position, int(all_logits))
+        self.comm.bcast(self._header)
+        logits = self._step(np.asarray(ids, np.int32), all_logits)
+        assert logits is not None
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached tokens (to reuse a shared prefix)."""
+        length = max(0, min(length, self.position))
+        self._header[:] = (_TRUNCATE, 0, length, 0)
+        self.comm.bcast(self._header)
+        del self.tokens[length:]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def close(self) -> None:
+        """Release the workers (they return from `serve_forever`)."""
+        if self.is_root and self.comm.size > 1:
+            self._header[:] = (_STOP, 0, 0, 0)
+            self.comm.bcast(self._header)
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """A worker's loop: follow the root's commands until it says stop."""
+        while True:
+            self.comm.bcast(self._header)
+            command, T, position, all_logits = (int(v) for v in self._header)
+            if command == _STOP:
+                return
+            if command == _TRUNCATE:
+                del self.tokens[position:]
+            elif command == _FORWARD:
+                if position != self.position:
+                    raise RuntimeError(f"worker at position {self.position}, root at {position}")
+                self._step(np.zeros(T, np.int32), bool(all_logits))
+
+    # ---- one step, on every rank ----------------------------------------------------------------
+
+    def _state(self, T: int) -> RunState:
+        capacity = DECODE_CAPACITY if T <= DECODE_CAPACITY else max(T, max(self._states, default=0))
+        st = self._states.get(capacity)
+        if st is None:
+            if capacity > DECODE_CAPACITY:  # keep one prefill state: the largest seen
+                self._states = {c: s for c, s in self._states.items() if c <= DECODE_CAPACITY}
+            st = RunState(self.config, self.shard, capacity, self.max_seq_len, self.nthreads)
+            self._states[capacity] = st
+        return st
+
+    def _step(self, ids: np.ndarray, all_logits: bool) -> np.ndarray | None:
+        T, pos = len(ids), self.position
+        self.comm.bcast(ids)
+        st = self._state(T)
+        w = self.weights
+        st.x[:T] = quant.dequantize(w.embedding[ids], w.embedding_type, self.config.hidden_size)
+        for layer in self.layers:
+            layer.attention(st, T, pos, self.rope, self.comm)
+            layer.moe(st, T, self.comm)
+        self.tokens.extend(int(i) for i in ids)
+        rows = st.x[:T] if all_logits else st.x[T - 1:T]
+        h = st.h[:rows.shape[0]]
+        ops.rmsnorm(rows, w.output_norm, self.config.rms_norm_eps, h)
+        local = np.empty((h.shape[0], self.shard.vocab[1] - self.shard.vocab[0]), np.float32)
+        if w.output is not None:
+            w.output.matmul(h, local)
+        logits = np.empty((h.shape[0], self.config.vocab_size), np.float32) if self.is_root else local
+        self.comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
+        return logits if self.is_root else None
+

@@ -1,0 +1,94 @@
+"""The Qwen3-MoE layer over one rank's shard: attention block and MoE block, with every sync point
+a visible `comm` call. The math, per layer (x is identical on every rank):
+
+    h = rmsnorm(x);  q, k, v = h @ Wqkv[my heads];  q, k = rope(norm(q)), rope(norm(k))
+    o_partial = attention(q, cache) @ Wo[:, my heads];  allreduce(o_partial);  x += o
+    h = rmsnorm(x);  root: ids, w = topk(softmax(h @ Wrouter));  bcast(ids, w)
+    y_partial = sum over my experts e in ids: w_e * down_e(silu(gate_e h) * up_e h);  allreduce(y);  x += y
+
+Shapes: T tokens, d hidden, H/Hkv this rank's query/KV heads, D head_dim, S max sequence, E experts, k top-k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmoe import ops
+from dmoe.comm import LocalComm, MPIComm
+from dmoe.config import ModelConfig
+from dmoe.kernels import moe_forward
+from dmoe.plan import RankShard
+from dmoe.weights import LayerWeights
+
+
+class RunState:
+    """Every buffer one forward step needs, allocated once for up to `capacity` tokens and reused."""
+
+    def __init__(self, cfg: ModelConfig, shard: RankShard, capacity: int, max_seq: int, threads: int) -> None:
+        d, D, k = cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok
+        H, Hkv = shard.n_q_heads, shard.n_kv_heads
+        self.capacity = capacity
+        self.x = np.zeros((capacity, d), np.float32)  # [T, d] residual stream
+        self.h = np.zeros((capacity, d), np.float32)  # [T, d] normalised input of a block
+        self.qkv = np.zeros((capacity, (H + 2 * Hkv) * D), np.float32)  # [T, (H + 2 Hkv) D]
+        self.attn = np.zeros((capacity, H * D), np.float32)  # [T, H D]
+        self.o = np.zeros((capacity, d), np.float32)  # [T, d] partial attention output, then summed
+        self.router_logits = np.zeros((capacity, cfg.num_experts), np.float32)  # [T, E] (root)
+        self.routing = np.zeros((capacity, 2 * k), np.float32)  # [T, 2k]: ids (int32 bits) | weights
+        self.local_ids = np.zeros((capacity, k), np.int32)  # [T, k] index into this rank's experts, -1: not here
+        self.y = np.zeros((capacity, d), np.float32)  # [T, d] partial MoE output, then summed
+        self.scores = np.zeros((threads, max_seq), np.float32)  # attention scratch per thread
+        self.kv_of_head = np.array([h // (cfg.num_attention_heads // cfg.num_key_value_heads) - shard.kv_heads[0]
+                                    for h in range(*shard.q_heads)], np.int32)  # [H] local KV head of each query head
+
+
+class Layer:
+    """One decoder layer of one rank: its weights and its part of the KV cache."""
+
+    def __init__(self, cfg: ModelConfig, shard: RankShard, w: LayerWeights, k_cache: np.ndarray,
+                 v_cache: np.ndarray) -> None:
+        self.cfg, self.shard, self.w = cfg, shard, w
+        self.k_cache, self.v_cache = k_cache, v_cache  # [Hkv, S, D] f32, or f16 bits in uint16
+        self.expert_offset = shard.experts[0]
+        self.n_local_experts = shard.experts[1] - shard.experts[0]
+
+    def attention(self, st: RunState, T: int, pos: int, rope: tuple[np.ndarray, np.ndarray],
+                  comm: LocalComm | MPIComm) -> None:
+        cfg, w = self.cfg, self.w
+        x, h, o = st.x[:T], st.h[:T], st.o[:T]
+        ops.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, h)
+        if w.qkv is not None:
+            H, Hkv, D = self.shard.n_q_heads, self.shard.n_kv_heads, cfg.head_dim
+            qkv = st.qkv[:T]
+            w.qkv.matmul(h, qkv)
+            q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:]
+            cos, sin = rope
+            ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, pos)
+            ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, pos)
+            ops.store_kv(k, v, self.k_cache, self.v_cache, pos)
+            ops.attention(q, st.kv_of_head, self.k_cache, self.v_cache, pos, ops.F16_TO_F32, st.scores, st.attn[:T])
+            w.o.matmul(st.attn[:T], o)
+        else:
+            o[:] = 0.0
+        comm.allreduce_sum(o)
+        x += o
+
+    def moe(self, st: RunState, T: int, comm: LocalComm | MPIComm) -> None:
+        cfg, w = self.cfg, self.w
+        x, h, y = st.x[:T], st.h[:T], st.y[:T]
+        k = cfg.num_experts_per_tok
+        ops.rmsnorm(x, w.ffn_norm, cfg.rms_norm_eps, h)
+        routing = st.routing[:T]
+        if w.router is not None:
+            w.router.matmul(h, st.router_logits[:T])
+            ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, routing[:, :k].view(np.int32), routing[:, k:])
+        comm.bcast(routing)
+        local = st.local_ids[:T]
+        np.subtract(routing[:, :k].view(np.int32), self.expert_offset, out=local)
+        local[(local < 0) | (local >= self.n_local_experts)] = -1
+        if w.gate is not None:
+            moe_forward(w.gate, w.up, w.down, h, local, routing[:, k:], y)
+        else:
+            y[:] = 0.0
+        comm.allreduce_sum(y)
+        x += y

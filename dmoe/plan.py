@@ -1,0 +1,91 @@
+"""ShardPlan: which heads, experts and output rows each rank owns. A pure function of
+(model config, number of ranks, options), so every rank computes the same plan by itself.
+
+Attention: query heads are split evenly over ranks; a rank computes every KV head its query
+heads read. When ranks outnumber KV heads (or do not divide them), neighbouring ranks each
+compute a shared KV head themselves (a little redundant K/V work, no communication), so
+any number of ranks works; a rank may own no heads at all when ranks outnumber query heads.
+
+MoE, two layouts (`moe_split`):
+- "experts": each rank owns whole experts (a contiguous range). Under uniform routing the
+  busiest rank of 4 runs ~1.7x the mean number of experts per decoded token.
+- "ffn": every rank owns a slice of every expert's FFN dimension (gate/up rows, down columns),
+  as distributed-llama does: every rank does exactly 1/N of the work of every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmoe.config import ModelConfig
+
+MOE_SPLITS = ("ffn", "experts")
+FFN_UNIT = 32  # FFN slices are whole quantisation blocks, so down's column slices stay zero-copy
+
+
+def even_ranges(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Split range(n) into `parts` contiguous ranges whose sizes differ by at most one `unit`
+    (the last range absorbs a remainder that is not a whole unit)."""
+    units, rem = divmod(n, unit)
+    out, start = [], 0
+    for p in range(parts):
+        size = (units // parts + (1 if p < units % parts else 0)) * unit
+        if p == parts - 1:
+            size += rem
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's share. Ranges are half-open [start, stop)."""
+
+    rank: int
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    experts: tuple[int, int]  # whole experts owned (all of them under "ffn")
+    ffn: tuple[int, int]  # slice of every owned expert's FFN dimension
+    vocab: tuple[int, int]  # rows of the output matrix
+
+    @property
+    def n_q_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    world_size: int
+    moe_split: str
+    shards: tuple[RankShard, ...]
+
+    def __getitem__(self, rank: int) -> RankShard:
+        return self.shards[rank]
+
+    @classmethod
+    def make(cls, cfg: ModelConfig, world_size: int, moe_split: str = "ffn") -> ShardPlan:
+        if world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {world_size}")
+        if moe_split not in MOE_SPLITS:
+            raise ValueError(f"moe_split must be one of {MOE_SPLITS}, got {moe_split!r}")
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        q_ranges = even_ranges(cfg.num_attention_heads, world_size)
+        ff = cfg.moe_intermediate_size
+        unit = FFN_UNIT if ff % FFN_UNIT == 0 and ff // FFN_UNIT >= world_size else 1
+        if moe_split == "ffn":
+            expert_ranges = [(0, cfg.num_experts)] * world_size
+            ffn_ranges = even_ranges(ff, world_size, unit)
+        else:
+            expert_ranges = even_ranges(cfg.num_experts, world_size)
+            ffn_ranges = [(0, ff)] * world_size
+        vocab_ranges = even_ranges(cfg.vocab_size, world_size)
+        shards = []
+        for r in range(world_size):
+            qa, qb = q_ranges[r]
+            kv = (qa // group, (qb - 1) // group + 1) if qb > qa else (0, 0)
+            shards.append(RankShard(r, (qa, qb), kv, expert_ranges[r], ffn_ranges[r], vocab_ranges[r]))
+        return cls(world_size, moe_split, tuple(shards))

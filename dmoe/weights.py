@@ -1,0 +1,106 @@
+"""Loading one rank's shard of the weights: a table from .m tensor names to packed kernels' weights.
+
+A rank maps the whole file but touches only the byte ranges its ShardPlan gives it: its rows of
+q/k/v, its columns of the attention output, its experts (or its slice of every expert's FFN),
+its rows of the output matrix. Each tensor is repacked for the kernels, and its mapped pages
+released, as soon as it is read, so the model is never held twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from dmoe import quant
+from dmoe.kernels import ExpertWeights, Weight, pack_experts, pack_weight
+from dmoe.modelfile import ModelFile
+from dmoe.plan import RankShard
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # [d]
+    q_norm: np.ndarray  # [D]
+    k_norm: np.ndarray  # [D]
+    ffn_norm: np.ndarray  # [d]
+    qkv: Weight | None  # [H*D + 2*Hkv*D, d]: this rank's query heads, then its K and V heads; None: no heads
+    o: Weight | None  # [d, H*D]: the columns of this rank's heads
+    router: Weight | None  # [E, d], on the root only
+    gate: ExpertWeights | None  # [E_local, ff_local, d]; None: no experts here
+    up: ExpertWeights | None  # [E_local, ff_local, d]
+    down: ExpertWeights | None  # [E_local, d, ff_local]
+
+
+@dataclass
+class ModelWeights:
+    layers: list[LayerWeights]
+    output_norm: np.ndarray  # [d]
+    output: Weight | None  # [V_local, d]: this rank's rows of the output matrix
+    embedding: np.ndarray  # raw rows of token_embd [V, row_bytes], read on demand
+    embedding_type: QT
+
+
+def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tuple[np.ndarray, QT]:
+    """Columns [c0, c1) of every row of raw [..., row_bytes]: a zero-copy view when the cut falls on
+    block boundaries, else the slice dequantised to F32 (small heads with Q4_0/Q8_0 weights)."""
+    if qtype in quant.ELEMENT_BYTES:
+        eb = quant.ELEMENT_BYTES[qtype]
+        return raw[..., c0 * eb:c1 * eb], qtype
+    if c0 % quant.BLOCK == 0 and c1 % quant.BLOCK == 0:
+        bb = quant.BLOCK_BYTES[qtype]
+        return raw[..., c0 // quant.BLOCK * bb:c1 // quant.BLOCK * bb], qtype
+    vals = np.ascontiguousarray(quant.dequantize(raw, qtype, cols)[..., c0:c1])
+    return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32
+
+
+def load_weights(mf: ModelFile, shard: RankShard, is_root: bool) -> ModelWeights:
+    """Pack this rank's shard of every layer."""
+    cfg = mf.config
+    D = cfg.head_dim
+    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D) for i in range(cfg.num_hidden_layers)]
+    out_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+    v0, v1 = shard.vocab
+    t = mf.tensors[out_name]
+    output = pack_weight([mf.raw(out_name)[v0:v1]], t.qtype, cfg.hidden_size) if v1 > v0 else None
+    if not cfg.tie_word_embeddings:
+        mf.release(out_name)
+    return ModelWeights(layers, mf.dequantize("output_norm.weight"), output, mf.raw("token_embd.weight"),
+                        mf.tensors["token_embd.weight"].qtype)
+
+
+def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int) -> LayerWeights:
+    cfg = mf.config
+    d = cfg.hidden_size
+    qkv = o = router = gate = up = down = None
+    if shard.n_q_heads:
+        (qa, qb), (ka, kb) = shard.q_heads, shard.kv_heads
+        parts = [mf.raw(b + "attn_q.weight")[qa * D:qb * D], mf.raw(b + "attn_k.weight")[ka * D:kb * D],
+                 mf.raw(b + "attn_v.weight")[ka * D:kb * D]]
+        types = {mf.tensors[b + n].qtype for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")}
+        if len(types) == 1:
+            qkv = pack_weight(parts, types.pop(), d)
+        else:  # mixed types (files from elsewhere): unify as F32
+            f32 = [quant.dequantize(p, mf.tensors[b + n].qtype, d).view(np.uint8)
+                   for p, n in zip(parts, ("attn_q.weight", "attn_k.weight", "attn_v.weight"), strict=True)]
+            qkv = pack_weight(f32, QT.F32, d)
+        t = mf.tensors[b + "attn_output.weight"]
+        raw, qt = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
+        o = pack_weight([raw], qt, (qb - qa) * D)
+    if is_root:
+        router = pack_weight([mf.raw(b + "ffn_gate_inp.weight")], mf.tensors[b + "ffn_gate_inp.weight"].qtype, d)
+    (e0, e1), (f0, f1) = shard.experts, shard.ffn
+    if e1 > e0 and f1 > f0:
+        gate, up = (pack_experts(mf.raw(b + n)[e0:e1, f0:f1], mf.tensors[b + n].qtype, d)
+                    for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
+        t = mf.tensors[b + "ffn_down_exps.weight"]
+        raw, qt = column_slice(mf.raw(b + "ffn_down_exps.weight")[e0:e1], t.qtype, cfg.moe_intermediate_size, f0, f1)
+        down = pack_experts(raw, qt, f1 - f0)
+    for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        mf.release(f"{b}{n}.weight")
+    return LayerWeights(
+        mf.dequantize(b + "attn_norm.weight"), mf.dequantize(b + "attn_q_norm.weight"),
+        mf.dequantize(b + "attn_k_norm.weight"), mf.dequantize(b + "ffn_norm.weight"),
+        qkv, o, router, gate, up, down,
+    )

@@ -1,0 +1,104 @@
+"""The engine on one process against transformers' Qwen3MoeForCausalLM on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_models import CONFIGS, load_reference, reference_logits, reference_on_file_weights
+
+from dmoe.engine import ContextFullError, Engine
+
+SEQ = 24
+
+
+def _ids(vocab: int, n: int = SEQ, seed: int = 0) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_f32_logits_match_transformers(name: str, hf_checkpoint, model_file) -> None:
+    eng = Engine.load(model_file(name, "f32"), max_seq_len=128, kv_type="f32", nthreads=2)
+    ids = _ids(eng.config.vocab_size)
+    ours = eng.forward(ids, all_logits=True)
+    ref = reference_logits(load_reference(hf_checkpoint(name)), ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_f32_greedy_continuation_matches_transformers(name: str, hf_checkpoint, model_file) -> None:
+    eng = Engine.load(model_file(name, "f32"), max_seq_len=128, kv_type="f32", nthreads=2)
+    prompt = _ids(eng.config.vocab_size, 8, seed=1)
+    ours, logits = [], eng.forward(prompt)
+    for _ in range(32):
+        ours.append(int(logits[-1].argmax()))
+        logits = eng.forward([ours[-1]])
+    ref = load_reference(hf_checkpoint(name))
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()
+
+
+# Float weights are used as they are: the only difference from the reference is summation order.
+# Q8_0/Q4_0 weights multiply Q8_0-quantised activations (as llama.cpp does): each activation is
+# rounded to 1/254 of its 32-block's largest value, which moves these small random models' logits
+# by a median of 1-3% of the largest logit; where that perturbation flips a near-tied router
+# choice a single position can move more, so the bound is on the median and the 80th percentile.
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q80", "q40"])
+def test_other_types_match_reference_on_dequantised_weights(name: str, qtype: str, hf_checkpoint,
+                                                            model_file) -> None:
+    path = model_file(name, qtype)
+    eng = Engine.load(path, max_seq_len=128, kv_type="f32", nthreads=2)
+    ids = _ids(eng.config.vocab_size)
+    ours = eng.forward(ids, all_logits=True)
+    ref = reference_logits(reference_on_file_weights(hf_checkpoint(name), path), ids)
+    scale = np.abs(ref).max()
+    per_position = np.abs(ours - ref).max(axis=1) / scale
+    if qtype in ("f16", "bf16"):
+        assert per_position.max() <= 1e-4
+    else:
+        assert np.median(per_position) <= 0.04
+        assert np.quantile(per_position, 0.8) <= 0.06
+        assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("name", ["b", "d"])
+def test_decode_through_cache_equals_one_pass(name: str, model_file) -> None:
+    eng = Engine.load(model_file(name, "f32"), max_seq_len=64, kv_type="f32", nthreads=2)
+    ids = _ids(eng.config.vocab_size, 20, seed=2)
+    full = eng.forward(ids, all_logits=True)
+    eng.reset()
+    prefix = eng.forward(ids[:7], all_logits=True)
+    steps = np.concatenate([prefix] + [eng.forward([i]) for i in ids[7:]])
+    assert np.abs(steps - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_prefix_reuse_after_truncate(model_file) -> None:
+    eng = Engine.load(model_file("a", "f32"), max_seq_len=64, kv_type="f32", nthreads=2)
+    a, b, c = _ids(256, 6, 3), _ids(256, 5, 4), _ids(256, 4, 5)
+    eng.forward(a + b)
+    eng.truncate(len(a))
+    assert eng.tokens == a
+    reused = eng.forward(c, all_logits=True)
+    eng.reset()
+    fresh = eng.forward(a + c, all_logits=True)[len(a):]
+    assert np.abs(reused - fresh).max() <= 1e-5 * np.abs(fresh).max()
+
+
+def test_f16_kv_cache_stays_close(model_file) -> None:
+    logits = {}
+    for kv in ("f32", "f16"):
+        eng = Engine.load(model_file("c", "f32"), max_seq_len=64, kv_type=kv, nthreads=2)
+        logits[kv] = eng.forward(_ids(512, 30, 6), all_logits=True)
+    assert np.abs(logits["f16"] - logits["f32"]).max() <= 5e-3 * np.abs(logits["f32"]).max()
+
+
+def test_context_limit_and_bad_ids(model_file) -> None:
+    eng = Engine.load(model_file("a", "f32"), max_seq_len=16, kv_type="f32", nthreads=1)
+    eng.forward(_ids(256, 10))
+    with pytest.raises(ContextFullError, match="do not fit the context of 16"):
+        eng.forward(_ids(256, 7))
+    assert eng.position == 10
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.forward([256])
