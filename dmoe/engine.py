@@ -35,7 +35,7 @@ class Engine:
     """One rank's part of the model. Build with `Engine.load`."""
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
-                 moe_split: str) -> None:
+                 moe_split: str, progress: bool = False) -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -48,7 +48,7 @@ class Engine:
         self.plan = ShardPlan.make(cfg, comm.size, moe_split)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
-        self.weights = load_weights(mf, self.shard, self.is_root)
+        self.weights = load_weights(mf, self.shard, self.is_root, progress)
         kv_shape = (cfg.num_hidden_layers, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
         self.k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, Hkv, S, D]
         self.v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
@@ -63,15 +63,15 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
-             moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None) -> Engine:
+             moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, progress: bool = False) -> Engine:
         """Open `path` and load this rank's shard. nthreads defaults to this host's cores divided by
-        the ranks on it."""
+        the ranks on it; progress shows a bar over the layers."""
         comm = comm or make_comm()
         if nthreads is None:
             on_host = comm.allgather_obj(comm.host).count(comm.host)
             nthreads = max(1, (os.cpu_count() or 1) // on_host)
         nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
-        return cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split)
+        return cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress)
 
     @property
     def position(self) -> int:

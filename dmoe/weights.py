@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from tqdm import tqdm
 
 from dmoe import quant
 from dmoe.kernels import ExpertWeights, Weight, pack_experts, pack_weight
@@ -55,11 +56,12 @@ def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tup
     return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32
 
 
-def load_weights(mf: ModelFile, shard: RankShard, is_root: bool) -> ModelWeights:
+def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, progress: bool = False) -> ModelWeights:
     """Pack this rank's shard of every layer."""
     cfg = mf.config
     D = cfg.head_dim
-    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D) for i in range(cfg.num_hidden_layers)]
+    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D)
+              for i in tqdm(range(cfg.num_hidden_layers), desc="loading", unit="layer", disable=not progress)]
     out_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
     v0, v1 = shard.vocab
     t = mf.tensors[out_name]

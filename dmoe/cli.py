@@ -1,0 +1,287 @@
+"""Command line: generate (the default), chat, serve, bench, info. The same command runs on every MPI rank;
+rank 0 does all user I/O and workers follow the engine's commands. Errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from dmoe import __doc__ as package_doc
+
+COMMANDS = ("generate", "chat", "serve", "bench", "info")
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "qwen3-moe-demo.m")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch.py", description=package_doc,
+        epilog="Run on several ranks with: mpirun -n N python launch.py ...  (see README)")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default=DEMO_MODEL, help="the .m file (default: the bundled demo model)")
+        sp.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
+        sp.add_argument("--nthreads", type=int, help="threads per rank (default: cores / ranks on the host)")
+        sp.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16)")
+        sp.add_argument("--moe-split", choices=["ffn", "experts"], default="ffn",
+                        help="how ranks share the experts: a slice of every expert (ffn, default) or whole experts")
+        sp.add_argument("--verbose", action="store_true", help="print per-phase timings")
+
+    def sampling_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, Qwen3's advice)")
+        sp.add_argument("--top-k", type=int, default=20, help="0 = off (default 20)")
+        sp.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
+        sp.add_argument("--min-p", type=float, default=0.0, help="0 = off (default)")
+        sp.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default)")
+        sp.add_argument("--seed", type=int, help="same seed, same text")
+        sp.add_argument("--steps", type=int, default=256, help="most tokens to generate (default 256)")
+
+    def chat_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--system", help="system prompt")
+        think = sp.add_mutually_exclusive_group()
+        think.add_argument("--think", dest="think", action="store_true", default=True,
+                           help="let the model think first (default)")
+        think.add_argument("--no-think", dest="think", action="store_false", help="answer without thinking")
+
+    g = sub.add_parser("generate", help="continue a prompt (default command)")
+    model_args(g)
+    sampling_args(g)
+    chat_args(g)
+    g.add_argument("--prompt", help="the prompt text")
+    g.add_argument("--prompt-ids", help="comma-separated token ids instead of text (models without a tokenizer)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    c = sub.add_parser("chat", help="talk to the model in the terminal")
+    model_args(c)
+    sampling_args(c)
+    chat_args(c)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API on rank 0")
+    model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", help="require this bearer token")
+    s.add_argument("--model-name", help="model id reported by the API (default: the file's name)")
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed")
+    model_args(b)
+    b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for the prefill measurement")
+    b.add_argument("--steps", type=int, default=128, help="tokens to decode")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+
+    i = sub.add_parser("info", help="describe a model file")
+    i.add_argument("--model", default=DEMO_MODEL, help="the .m file")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["generate", *argv]
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "info":
+        from dmoe.info import describe
+
+        _run_or_exit(lambda: print(describe(args.model)))
+        return
+    _check_args(args)
+    from dmoe.comm import make_comm
+    from dmoe.supervisor import Supervisor
+
+    comm = make_comm()
+    sup = Supervisor(comm)
+    try:
+        if comm.rank != 0:  # the root decides what Ctrl-C means; mpirun forwards it to every rank
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine = _load(args, comm)
+        if comm.rank != 0:
+            engine.serve_forever()
+            sup.close()
+            return
+        _run_root(args, engine, sup)
+    except KeyboardInterrupt:
+        sup.fail("interrupted")
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and a clean stop of all ranks
+        sup.fail(_one_line(e))
+
+
+def _run_root(args: argparse.Namespace, engine: Any, sup: Any) -> None:
+    from dmoe.engine import ContextFullError
+
+    try:
+        if args.command == "generate":
+            code = _generate(args, engine)
+        elif args.command == "chat":
+            from dmoe.chat import run_chat
+
+            code = run_chat(args, engine)
+        elif args.command == "serve":
+            from dmoe.server import serve
+
+            code = serve(args, engine)
+        else:
+            code = _bench(args, engine)
+    except (ValueError, ContextFullError) as e:  # user errors found before any collective: a clean stop
+        print(f"dmoe: error: {_one_line(e)}", file=sys.stderr)
+        code = 1
+    sup.close()
+    engine.close()
+    sys.stdout.flush()
+    if code:
+        sys.exit(code)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if args.max_seq_len < 1:
+        problems.append("--max-seq-len must be >= 1")
+    if args.nthreads is not None and args.nthreads < 1:
+        problems.append("--nthreads must be >= 1")
+    if getattr(args, "steps", 1) < 1:
+        problems.append("--steps must be >= 1")
+    if args.command == "generate":
+        if (args.prompt is None) == (args.prompt_ids is None):
+            problems.append("give exactly one of --prompt and --prompt-ids")
+        if args.prompt_ids is not None and args.chat:
+            problems.append("--chat needs a text --prompt, not --prompt-ids")
+    if args.command == "bench" and args.prompt_len < 1:
+        problems.append("--prompt-len must be >= 1")
+    if problems:
+        print(f"dmoe: error: {problems[0]}", file=sys.stderr)
+        sys.exit(2)
+    if args.command in ("generate", "chat"):
+        from dmoe.sampling import SamplingParams
+
+        try:
+            args.sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repeat_penalty,
+                                           args.seed)
+        except ValueError as e:
+            print(f"dmoe: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory while " + (str(e) or "allocating")
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _run_or_exit(fn: Any) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        print(f"dmoe: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _load(args: argparse.Namespace, comm: Any) -> Any:
+    from dmoe.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
+                         moe_split=args.moe_split, comm=comm, progress=comm.rank == 0 and sys.stderr.isatty())
+    if comm.rank == 0:
+        cfg = engine.config
+        print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
+              f"(top-{cfg.num_experts_per_tok}), {comm.size} rank(s) x {engine.nthreads} thread(s); KV cache "
+              f"{engine.kv_bytes / 2**20:.0f} MB ({args.kv_type}, {engine.max_seq_len} tokens)"
+              + (f"; loaded in {time.perf_counter() - t0:.1f} s" if args.verbose else ""), file=sys.stderr)
+    return engine
+
+
+def prompt_ids(args: argparse.Namespace, engine: Any) -> list[int]:
+    """The prompt as ids: --prompt-ids as given, else --prompt encoded (through the chat template with --chat)."""
+    if args.prompt_ids is not None:
+        try:
+            return [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer; give --prompt-ids instead of --prompt")
+    text = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": text}]
+        text = tok.render_chat(messages, enable_thinking=args.think)
+    return tok.encode(text)
+
+
+class _Interrupt:
+    """Ctrl-C during generation finishes the current token, then stops cleanly (all ranks stay in step)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def __enter__(self) -> _Interrupt:
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: object) -> None:
+        self.flag = True
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _generate(args: argparse.Namespace, engine: Any) -> int:
+    from dmoe.generation import GenerationStats, TextStream, generate
+
+    ids = prompt_ids(args, engine)
+    stats = GenerationStats()
+    tok = engine.tokenizer
+    stop_ids = tok.eos_ids if tok is not None else frozenset()
+    out_ids: list[int] = []
+    stream = TextStream(tok) if tok is not None else None
+    with _Interrupt() as interrupt:
+        for token in generate(engine, ids, args.sampling, args.steps, stop_ids, stats, lambda: interrupt.flag):
+            out_ids.append(token)
+            if stream is not None and not args.json:
+                sys.stdout.write(stream.feed(token))
+                sys.stdout.flush()
+    if args.json:
+        text = tok.decode([i for i in out_ids if i not in stop_ids]) if tok is not None else None
+        print(json.dumps({
+            "prompt_ids": ids, "ids": out_ids, "text": text, "finish_reason": stats.finish_reason,
+            "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s, "ttft_s": stats.ttft_s,
+            "comm_ms_per_token": stats.comm_ms_per_token, "ranks": engine.comm.size, "threads": engine.nthreads,
+        }))
+    else:
+        if stream is not None:
+            sys.stdout.write(stream.finish())
+        else:
+            sys.stdout.write(",".join(str(i) for i in out_ids))
+        sys.stdout.write("\n")
+        print(f"dmoe: {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace, engine: Any) -> int:
+    """Prefill a prompt of --prompt-len random ids, then decode --steps tokens greedily."""
+    import numpy as np
+
+    from dmoe.generation import GenerationStats, generate
+    from dmoe.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(0, min(engine.config.vocab_size, 100_000), args.prompt_len)]
+    stats = GenerationStats()
+    for _ in generate(engine, ids, SamplingParams(), args.steps, frozenset(), stats):
+        pass
+    result = {"prompt_tokens": args.prompt_len, "generated_tokens": stats.generated_tokens,
+              "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s, "ttft_s": stats.ttft_s,
+              "comm_ms_per_token": stats.comm_ms_per_token, "ranks": engine.comm.size, "threads": engine.nthreads}
+    print(json.dumps(result) if args.json else f"dmoe: {stats.summary()}")
+    return 0
