@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API on rank 0")
     model_args(s)
+    sampling_args(s)  # the defaults for requests that leave a setting out; --steps is the default max_tokens
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", help="require this bearer token")
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     comm = make_comm()
     sup = Supervisor(comm)
     try:
-        if comm.rank != 0:  # the root decides what Ctrl-C means; mpirun forwards it to every rank
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if comm.rank != 0:  # the root decides what Ctrl-C and SIGTERM mean; mpirun forwards both to every rank
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a worker still ends when the root does: Supervisor)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         engine = _load(args, comm)
         if comm.rank != 0:
             engine.serve_forever()
@@ -159,7 +161,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if problems:
         print(f"dmoe: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
-    if args.command in ("generate", "chat"):
+    if args.command in ("generate", "chat", "serve"):
         from dmoe.sampling import SamplingParams
 
         try:
@@ -172,7 +174,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, MemoryError):
-        return "out of memory while " + (str(e) or "allocating")
+        return "out of memory" + (f": {e}" if str(e) else "")
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

@@ -55,6 +55,12 @@ class MPIComm:
     """COMM_WORLD through mpi4py. Import is deferred so that a plain `python launch.py` never loads MPI."""
 
     def __init__(self) -> None:
+        local_ranks = int(os.environ.get("MPI_LOCALNRANKS", "1"))
+        if local_ranks > (os.cpu_count() or 1):
+            # More ranks than cores: MPICH's busy-waiting would starve the rank that has work (decode ran 100x
+            # slower at 8 ranks on 2 cores); let waiting ranks yield the core instead. Read at MPI_Init.
+            os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+            os.environ.setdefault("MPIR_CVAR_POLLS_BEFORE_YIELD", "1")
         from mpi4py import MPI
 
         self._mpi = MPI

@@ -1,0 +1,21 @@
+"""Run under mpirun by test_distributed.py: every position's logits for a fixed sequence, then a greedy
+continuation; the root saves both to an .npz for the test to compare across world sizes."""
+
+import sys
+
+import numpy as np
+
+from dmoe.engine import Engine
+
+path, moe_split, out, n_new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+engine = Engine.load(path, max_seq_len=128, kv_type="f32", moe_split=moe_split)
+if engine.comm.rank != 0:
+    engine.serve_forever()
+    sys.exit(0)
+ids = [int(i) for i in np.random.default_rng(0).integers(0, engine.config.vocab_size, 16)]
+logits = engine.forward(ids, all_logits=True)
+greedy = [int(logits[-1].argmax())]
+for _ in range(n_new - 1):
+    greedy.append(int(engine.forward([greedy[-1]])[-1].argmax()))
+engine.close()
+np.savez(out, logits=logits, greedy=np.array(greedy), comm_bytes=engine.comm.bytes_sent)

@@ -1,0 +1,50 @@
+"""Many ranks: the same greedy tokens and float-noise-equal logits for every world size and MoE layout,
+including more ranks than KV heads and than query heads (oversubscribed on this machine's cores)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_NEW = 12
+
+
+def run_ranks(n: int, model: str, moe_split: str, out: str, timeout: int = 240) -> dict[str, np.ndarray]:
+    cmd = ["mpirun", "-n", str(n), sys.executable, os.path.join(HERE, "mpi_logits.py"), model, moe_split, out,
+           str(N_NEW)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(out) as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="module")
+def single(model_file, tmp_path_factory):
+    """The world-of-one results per model (computed once)."""
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            cache[name] = run_ranks(1, model_file(name, "f32"), "ffn", str(tmp_path_factory.mktemp("n1") / "r.npz"))
+        return cache[name]
+
+    return get
+
+
+# config d: 8 query heads over 2 KV heads, head_dim 128, 12 experts top-4; config b: 6 query heads, 1 KV head
+CASES = [("d", 2, "ffn"), ("d", 3, "ffn"), ("d", 4, "experts"), ("d", 5, "ffn"), ("d", 8, "experts"),
+         ("d", 3, "experts"), ("b", 4, "ffn"), ("b", 8, "ffn"), ("b", 5, "experts")]
+
+
+@pytest.mark.parametrize("name,n,moe_split", CASES)
+def test_world_sizes_agree(name: str, n: int, moe_split: str, model_file, single, tmp_path) -> None:
+    ref = single(name)
+    got = run_ranks(n, model_file(name, "f32"), moe_split, str(tmp_path / "r.npz"))
+    scale = np.abs(ref["logits"]).max()
+    assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * scale
+    assert got["greedy"].tolist() == ref["greedy"].tolist()
