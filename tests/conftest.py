@@ -43,3 +43,30 @@ def model_file(hf_checkpoint: Callable[[str], str], tmp_path_factory: pytest.Tem
         return made[name, qtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """text_model(chat_template=None) -> a tiny random Q8_0 model with Qwen3's real tokenizer and chat template
+    (or the given one): random tokens, but real text, templates and stop tokens, for protocol tests."""
+    from gguf import GGMLQuantizationType as QT
+
+    from dmoe.config import ModelConfig
+    from dmoe.qwen_tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer_json, qwen3_chat_template
+    from dmoe.synthetic import write_synthetic
+
+    made: dict[str, str] = {}
+
+    def get(chat_template: str | None = None) -> str:
+        template = chat_template or qwen3_chat_template()
+        if template not in made:
+            cfg = ModelConfig(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
+                              num_experts_per_tok=2)
+            path = str(tmp_path_factory.mktemp("text-model") / "tiny-qwen3.m")
+            write_synthetic(cfg, QT.Q8_0, path, progress=False, tokenizer_json=build_qwen3_tokenizer_json(),
+                            chat_template=template)
+            made[template] = path
+        return made[template]
+
+    return get
