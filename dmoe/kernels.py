@@ -17,16 +17,37 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
-from .kernels_formats import QK, R, dot_group, prepare, repack_float, repack_quant
+from .kernels_formats import QK, QUANT_LAYOUT, R, dot_group, prepare, repack_float, repack_quant
 from .kernels_llvm import stack_array
+from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC
 
-__all__ = ["Weight", "ExpertWeights", "pack_weight", "pack_experts", "moe_forward"]
+__all__ = [
+    "Weight",
+    "ExpertWeights",
+    "pack_weight",
+    "pack_experts",
+    "moe_forward",
+    "set_isa",
+    "ISA_GENERIC",
+    "ISA_AVX2",
+]
 
 TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
 _ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
 
-_QUANT = {QT.Q4_0: (np.uint8, 16, 18), QT.Q8_0: (np.int8, 32, 34)}  # storage, bytes per block row, block
+_QUANT = {QT.Q4_0: np.uint8, QT.Q8_0: np.int8}  # storage dtype (it tells the kernels the format)
 _FLOAT = {QT.F32: (np.float32, np.uint32, 4), QT.F16: (np.uint16, np.uint16, 2), QT.BF16: (np.int16, np.uint16, 2)}
+
+_isa = HOST_ISA
+
+
+def set_isa(isa: int) -> None:
+    """Choose the quantised micro-kernels' lowering: ISA_AVX2 (the default where the CPU has AVX2) or
+    ISA_GENERIC (portable LLVM IR, the default elsewhere; also selectable for testing)."""
+    global _isa
+    if isa not in (ISA_GENERIC, ISA_AVX2) or (isa == ISA_AVX2 and HOST_ISA != ISA_AVX2):
+        raise ValueError(f"isa {isa} is not available on this CPU")
+    _isa = isa
 
 
 class ExpertWeights:
@@ -36,14 +57,14 @@ class ExpertWeights:
         self.n_experts, self.rows, self.cols, self.qtype = n_experts, rows, cols, QT(qtype)
         groups = -(-rows // R)
         if self.qtype in _QUANT:
-            dtype, nq, _ = _QUANT[self.qtype]
             if cols % QK:
                 raise ValueError(f"{self.qtype.name} weights need cols divisible by {QK}, got {cols}")
-            self.data = np.zeros((n_experts, groups, cols // QK, nq, R), dtype)  # [E, G, nb, nq, R]
-            self.scales = np.zeros((n_experts, groups, cols // QK, R), np.uint16)  # [E, G, nb, R] f16 bits
+            block_bytes, panels, _ = QUANT_LAYOUT[self.qtype.name]
+            header = 2 * R // panels  # the panel's f16 scales
+            # [E, G, panels, nb, header + 256]
+            self.data = np.zeros((n_experts, groups, panels, cols // QK, header + 256), _QUANT[self.qtype])
         elif self.qtype in _FLOAT:
             self.data = np.zeros((n_experts, groups, cols, R), _FLOAT[self.qtype][0])  # [E, G, cols, R]
-            self.scales = np.zeros((n_experts, 0, 0, 0), np.uint16)  # unused
         else:
             raise ValueError(f"unsupported weight type {self.qtype.name}")
         self.quantised = self.qtype in _QUANT
@@ -51,7 +72,7 @@ class ExpertWeights:
     def row_bytes(self) -> int:
         """Bytes of one row in ggml's layout."""
         if self.quantised:
-            return self.cols // QK * _QUANT[self.qtype][2]
+            return self.cols // QK * QUANT_LAYOUT[self.qtype.name][0]
         return self.cols * _FLOAT[self.qtype][2]
 
     def _repack(self, raw: np.ndarray, row0: int) -> None:
@@ -62,7 +83,8 @@ class ExpertWeights:
                 f"got {raw.dtype} {raw.shape}"
             )
         if self.quantised:
-            repack_quant(raw, row0, _QUANT[self.qtype][2], self.data, self.scales)
+            block_bytes, _, unit = QUANT_LAYOUT[self.qtype.name]
+            repack_quant(raw, row0, block_bytes, unit, self.data.view(np.uint8))
         else:
             repack_float(raw, row0, self.data.view(_FLOAT[self.qtype][1]))
 
@@ -79,7 +101,7 @@ class Weight(ExpertWeights):
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
-        _matmul(self.data, self.scales, _activation(x, self.quantised, "x"), x.shape[0], _iota(x.shape[0]), out)
+        _matmul(self.data, x, *_q8_buffers(x.shape, self.quantised, "x"), _iota(x.shape[0]), out, _isa)
 
 
 def pack_weight(parts: list[np.ndarray], qtype: QT, cols: int) -> Weight:
@@ -118,10 +140,10 @@ def moe_forward(
     n_tok, k = ids.shape
     s = _moe_scratch(gate.n_experts, gate.data.shape[1] * R, n_tok * k)
     _moe(
-        gate.data, gate.scales, up.data, up.scales, down.data, down.scales, down.cols,
-        _activation(h, gate.quantised, "moe_h"), ids, weights, out,
-        _activation(s["act"], down.quantised, "moe_act"),
-        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k),
+        gate.data, up.data, down.data, down.cols,
+        h, *_q8_buffers(h.shape, gate.quantised, "moe_h"), ids, weights, out,
+        s["act"], *_q8_buffers(s["act"].shape, down.quantised, "moe_act"),
+        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k), _isa,
     )  # fmt: skip
 
 
@@ -130,9 +152,9 @@ def moe_forward(
 
 
 @njit(parallel=True, cache=True)
-def _matmul(w, s, act, n_tok, iota, out):
-    """out[t, :] = W[0] @ act.x[t] for t < n_tok."""
-    x = act[0]
+def _matmul(w, x, xq, xd, xs, iota, out, isa):
+    """out[t, :] = W[0] @ x[t]; xq, xd, xs: buffers for x's Q8_0 form."""
+    act, n_tok = (x, xq, xd, xs), x.shape[0]
     for t in range(n_tok):
         prepare(w, act, t, 0, x.shape[1])
     rows = out.shape[1]
@@ -142,20 +164,22 @@ def _matmul(w, s, act, n_tok, iota, out):
         nt = min(TT, n_tok - t0)
         acc = stack_array(_ACC, np.float32, (TT, R))
         acc[:nt] = 0
-        dot_group(w, s, 0, g, act, iota[t0 : t0 + nt], nt, acc)
+        dot_group(w, 0, g, act, iota[t0 : t0 + nt], nt, acc, isa)
         for i in range(nt):
             for r in range(min(R, rows - g * R)):
                 out[t0 + i, g * R + r] = acc[i, r]
 
 
 @njit(parallel=True, cache=True)
-def _moe(gw, gs, uw, us, dw, ds, ff, hact, ids, weights, out, aact, offsets, fill, slot_tok, slot_w, items, iota):
-    """See moe_forward. hact = (h, hq, hd, hs) for h [T, d]; aact: the same for the intermediate
-    activation [S, ffp] in expert order; offsets [E+1], fill [E]: per expert slot ranges."""
+def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, offsets, fill, slot_tok, slot_w, items,
+         iota, isa):  # fmt: skip
+    """See moe_forward. h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order),
+    each with buffers for its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges."""
+    hact, aact = (h, hq, hd, hs), (act, aq, ad, as_)
     n_tok, k = ids.shape
     n_exp, g_ff = gw.shape[0], gw.shape[1]
     for t in range(n_tok):
-        prepare(gw, hact, t, 0, hact[0].shape[1])
+        prepare(gw, hact, t, 0, h.shape[1])
 
     # Route: counting sort of the (token, expert) slots by expert.
     offsets[:] = 0
@@ -180,7 +204,6 @@ def _moe(gw, gs, uw, us, dw, ds, ff, hact, ids, weights, out, aact, offsets, fil
                 n_items += 1
 
     # Phase A: act[p, rows of group g] = silu(gate . h) * (up . h) for slots p of expert e.
-    act = aact[0]
     for it in prange(n_items):
         e, g, p0 = items[it, 0], items[it, 1], items[it, 2]
         n = min(TT, offsets[e + 1] - p0)
@@ -188,8 +211,8 @@ def _moe(gw, gs, uw, us, dw, ds, ff, hact, ids, weights, out, aact, offsets, fil
         acc_u = stack_array(_ACC, np.float32, (TT, R))
         acc_g[:n] = 0
         acc_u[:n] = 0
-        dot_group(gw, gs, e, g, hact, slot_tok[p0 : p0 + n], n, acc_g)
-        dot_group(uw, us, e, g, hact, slot_tok[p0 : p0 + n], n, acc_u)
+        dot_group(gw, e, g, hact, slot_tok[p0 : p0 + n], n, acc_g, isa)
+        dot_group(uw, e, g, hact, slot_tok[p0 : p0 + n], n, acc_u, isa)
         for i in range(n):
             for r in range(R):
                 a = acc_g[i, r]
@@ -206,7 +229,7 @@ def _moe(gw, gs, uw, us, dw, ds, ff, hact, ids, weights, out, aact, offsets, fil
             for p0 in range(offsets[e], offsets[e + 1], TT):
                 n = min(TT, offsets[e + 1] - p0)
                 acc[:n] = 0
-                dot_group(dw, ds, e, g, aact, iota[p0 : p0 + n], n, acc)
+                dot_group(dw, e, g, aact, iota[p0 : p0 + n], n, acc, isa)
                 for i in range(n):
                     t, wt = slot_tok[p0 + i], slot_w[p0 + i]
                     for r in range(rows):
@@ -230,14 +253,12 @@ def _iota(n: int) -> np.ndarray:
     return _cached(("iota", n), lambda: np.arange(n, dtype=np.int32))
 
 
-def _activation(x: np.ndarray, quantised: bool, role: str) -> tuple:
-    """(x, xq, xd, xs): x and buffers for its Q8_0 form (empty when the weights are float); one set per
-    role and size, so that the two activations of moe_forward never share one."""
-    n, cols = x.shape
-    nb = cols // QK if quantised else 0
-    q = _cached((role, n, nb), lambda: (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32),
-                                        np.zeros((n, nb), np.int16)))  # fmt: skip
-    return (x, *q)
+def _q8_buffers(shape: tuple[int, int], quantised: bool, role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(xq, xd, xs) for the Q8_0 form of an activation [n, cols] (empty when the weights are float); one
+    set per role and size, so that the two activations of moe_forward never share one."""
+    n, nb = shape[0], shape[1] // QK if quantised else 0
+    return _cached((role, n, nb), lambda: (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32),
+                                           np.zeros((n, nb), np.int16)))  # fmt: skip
 
 
 def _moe_scratch(n_exp: int, ffp: int, n_slots: int) -> dict[str, np.ndarray]:

@@ -1,27 +1,31 @@
 """Per-format pieces of the weight kernels: the repacked layout, how to repack ggml's bytes into it,
-and how to multiply one group of rows by a few activation rows (the portable numba versions).
+how to prepare an activation for it, and how to multiply one group of rows by a few activations.
 
-Layout. A matrix [rows, cols] (or E of them, one per expert) is cut into groups of R = 64 rows
-(zero-padded at the end); inside a group the R rows are interleaved element by element, so that the
-innermost loop of every kernel runs across R independent rows (a contiguous vector of R lanes)
-instead of along one row (which needs a horizontal sum per block and defeats the vectoriser):
+Layout. A matrix [rows, cols] (or E of them, one per expert) is cut into groups of R = 32 rows
+(zero-padded at the end); inside a group the rows are interleaved so that the inner loop of every
+kernel runs across rows (vector lanes) instead of along one row, which would need a horizontal sum
+per block and defeats vectorisation:
 
-    Q4_0  qs uint8 [E, G, nb, 16, R]   byte j of block b of each row (low nibble: weight j,
-                                        high nibble: weight j + 16, exactly ggml's byte)
-          d  uint16 [E, G, nb, R]      the block's f16 scale, kept as f16 to keep the bytes read
-                                        per weight at ggml's 18/32
-    Q8_0  qs int8  [E, G, nb, 32, R],  d as for Q4_0
-    F32   w float32 [E, G, cols, R]
-    F16   w uint16  [E, G, cols, R]    (the f16 bits)
-    BF16  w int16   [E, G, cols, R]    (the bf16 bits; int16 only so that kernels tell the two
-                                        16-bit formats apart by dtype)
+    Q4_0  uint8 [E, G, 2, nb, 288]  2 panels of 16 rows; per panel and block of 32 columns: the 16
+                                    rows' f16 scales (32 bytes), then 8 vectors of 32 bytes, vector
+                                    jp holding bytes 2jp, 2jp+1 of each row's 16 (ggml's bytes: low
+                                    nibble weight j, high nibble weight j + 16); 18 bytes per 32
+                                    weights, as in the file, in one sequential stream
+    Q8_0  int8  [E, G, 4, nb, 272]  4 panels of 8 rows; per panel-block 8 f16 scales (16 bytes), then
+                                    8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row
+    F32   float32 [E, G, cols, R]
+    F16   uint16  [E, G, cols, R]   (the f16 bits)
+    BF16  int16   [E, G, cols, R]   (the bf16 bits; int16 only so that kernels tell the two 16-bit
+                                    formats apart by dtype)
 
 Activations for the quantised formats are quantised to Q8_0 blockwise, as llama.cpp does, so that
-the block dot is an integer dot: xq int8 [n, nb, 32], xd float32 [n, nb] (the block scale, kept in
-f32), xs int16 [n, nb] (8 * the block's sum of xq, the correction for Q4_0's offset of 8). The
-float formats use the f32 activation directly. An activation is passed as the tuple
-`act = (xf, xq, xd, xs)` whatever the format; the generic functions below dispatch on the weight
-array's dtype (`numba.extending.overload`), so the drivers in kernels.py are written once.
+the block dot is an integer dot (kernels_simd's micro-kernels): xq int8 [n, nb, 32], xd float32
+[n, nb] (the block scale, kept in f32), xs int16 [n, nb] (8 * the block's sum of xq: Q4_0's offset
+of 8, subtracted once per block instead of once per weight). Q4_0 sums q * x with q = 0..15 in int16
+lanes, which can wrap, but the wanted sum of (q - 8) * x lies within +-8 * 127 * 32 = +-32512, so
+after the subtraction it comes out exact. The float formats use the f32 activation directly. An
+activation is passed as `act = (xf, xq, xd, xs)` whatever the format; the generic functions below
+dispatch on the weight array's dtype (`numba.extending.overload`), so the drivers are written once.
 
 Error of the Q8_0 activation. Each activation is rounded to the nearest multiple of its block's
 d = max|x| / 127, an error of at most d / 2; a weight row's dot therefore errs by at most
@@ -36,35 +40,45 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .kernels_llvm import bf16_to_f32, f16_to_f32, stack_array
+from .kernels_llvm import bf16_to_f32, f16_to_f32
+from .kernels_simd import q4_0_isums, q8_0_isums, scale_add
 
-R = 64  # rows per interleaved group; a multiple of 32 so that a group's outputs are whole Q8_0 blocks
+__all__ = ["R", "QK", "QUANT_LAYOUT", "repack_quant", "repack_float", "prepare", "dot_group"]
+
+R = 32  # rows per group: a multiple of 32, so that a group's outputs are whole Q8_0 blocks
 QK = 32  # weights per ggml block
-Q4_0_BLOCK_BYTES = 18
-Q8_0_BLOCK_BYTES = 34
+TOKENS = 4  # tokens per micro-kernel call: the unpacked weights in registers serve 4 tokens
+
+# qtype name -> (ggml block bytes, panels per group, bytes per row per 32-byte vector)
+QUANT_LAYOUT = {"Q4_0": (18, 2, 2), "Q8_0": (34, 4, 4)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Repacking: ggml bytes [E, rows, row_bytes] (any strides) -> the layouts above, rows from row0.
-# One prange over (expert, group); each iteration writes one group, so threads never share lines.
+# Repacking: ggml bytes [E, n, row_bytes] (any strides) -> the layouts above, as rows row0.. .
+# One prange over (expert, group); each iteration writes one whole group, so threads share no lines.
 
 
 @njit(parallel=True, cache=True)
-def repack_quant(src, row0, block_bytes, qs, d):
-    """Q4_0 or Q8_0 rows -> (qs, d). `src` [E, n, nb * block_bytes] uint8 rows land at rows row0..row0+n
-    of the destination; a Q4_0 block's 16 bytes and a Q8_0 block's 32 are copied as they are."""
+def repack_quant(src, row0, block_bytes, unit, dst):
+    """Q4_0/Q8_0 rows -> dst uint8 [E, G, panels, nb, header + 256]: row r of a group goes to panel
+    r // (R / panels); its scale to header bytes 2r', 2r'+1 and payload byte j to vector j // unit,
+    lane bytes unit * r' + j % unit (r' = the row within its panel)."""
     n_exp, n = src.shape[0], src.shape[1]
-    nb, nq = qs.shape[2], qs.shape[3]
+    panels, nb = dst.shape[2], dst.shape[3]
+    rows_per_panel = R // panels
+    header = 2 * rows_per_panel
     g0, g1 = row0 // R, (row0 + n + R - 1) // R
     for i in prange(n_exp * (g1 - g0)):
         e, g = i // (g1 - g0), g0 + i % (g1 - g0)
         for row in range(max(g * R, row0), min(g * R + R, row0 + n)):
-            r, srow = row - g * R, row - row0
+            p, rr = (row - g * R) // rows_per_panel, (row - g * R) % rows_per_panel
+            srow = row - row0
             for b in range(nb):
                 o = b * block_bytes
-                d[e, g, b, r] = np.uint16(src[e, srow, o]) | (np.uint16(src[e, srow, o + 1]) << np.uint16(8))
-                for j in range(nq):
-                    qs[e, g, b, j, r] = src[e, srow, o + 2 + j]
+                dst[e, g, p, b, 2 * rr] = src[e, srow, o]
+                dst[e, g, p, b, 2 * rr + 1] = src[e, srow, o + 1]
+                for j in range(block_bytes - 2):
+                    dst[e, g, p, b, header + 32 * (j // unit) + unit * rr + j % unit] = src[e, srow, o + 2 + j]
 
 
 @njit(parallel=True, cache=True)
@@ -119,60 +133,59 @@ def _prepare_impl(w, act, row, c0, c1):
             quantize_q8_0(act[0], row, c0 // QK, (c1 + QK - 1) // QK, act[1], act[2], act[3])
 
         return impl
-
-    def noop(w, act, row, c0, c1):
-        pass
-
-    return noop
+    return lambda w, act, row, c0, c1: None
 
 
 # ---------------------------------------------------------------------------------------------
 # Group kernels: acc[i, r] += W[e, g*R + r, :] . x[toks[i], :] for i < ntok, r < R.
-# The token loop sits inside the block loop so that a block of weights, once in L1, serves every
-# token of the tile (prefill); at ntok = 1 this is the decode kernel.
+# Tokens go TOKENS at a time (then one by one) through the micro-kernel, so that each weight
+# vector, once loaded and unpacked, serves several tokens (prefill); with one token it is decode.
 
 
-def dot_group(w, s, e, g, act, toks, ntok, acc):  # pragma: no cover - typed by the overload below
-    """acc[i, r] += row g*R + r of matrix e . activation row toks[i]."""
+def dot_group(w, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - typed by the overload below
+    """acc[i, r] += row g*R + r of matrix e . activation row toks[i]; isa picks the micro-kernel."""
 
 
-def _dot_group_q4_0(w, s, e, g, act, toks, ntok, acc):
-    """Integer dot in int16 lanes. The sum over a block of q * x with q = 0..15 can overflow int16, but
-    the wanted sum of (q - 8) * x = sum q * x - xs lies in +-8*127*32 = +-32512: computed with
-    wrap-around it comes out exact, and the subtraction of 8 leaves the inner loop."""
+def _block_isums(isa, w, widx, xq, rows, b):  # pragma: no cover - typed by the overload below
+    """Integer sums of one panel-block against the Q8_0 blocks of tokens `rows` (a tuple)."""
+
+
+@overload(_block_isums, inline="always")
+def _block_isums_impl(isa, w, widx, xq, rows, b):
+    kernel = q4_0_isums if w.dtype == types.uint8 else q8_0_isums
+    return lambda isa, w, widx, xq, rows, b: kernel(isa, w, widx, xq, rows, b)
+
+
+def _offset(w, xs, t, b):  # pragma: no cover - typed by the overload below
+    """What to subtract from a block's integer sums: 8 * sum x for Q4_0's offset, 0 for Q8_0."""
+
+
+@overload(_offset, inline="always")
+def _offset_impl(w, xs, t, b):
+    if w.dtype == types.uint8:
+        return lambda w, xs, t, b: xs[t, b]
+    return lambda w, xs, t, b: np.int32(0)
+
+
+@njit(inline="always")
+def _panel_tokens(w, e, g, p, act, rows, i0, acc, isa):
+    """Panel p of group g times the tokens `rows` (a tuple), into acc[i0 : i0 + len(rows)]."""
     xq, xd, xs = act[1], act[2], act[3]
-    nb, nj = w.shape[2], w.shape[3]
-    sums = stack_array(R, np.int16, R)
-    for b in range(nb):
-        for i in range(ntok):
-            t = toks[i]
-            sums[:] = 0
-            for j in range(nj):
-                xl, xh = np.int16(xq[t, b, j]), np.int16(xq[t, b, j + 16])
-                for r in range(R):
-                    q = np.int16(w[e, g, b, j, r])
-                    sums[r] += (q & np.int16(15)) * xl + (q >> np.int16(4)) * xh
-            c, dx = xs[t, b], xd[t, b]
-            for r in range(R):
-                acc[i, r] += np.float32(np.int16(sums[r] - c)) * (f16_to_f32(s[e, g, b, r]) * dx)
+    header = w.shape[4] - 256
+    for b in range(w.shape[3]):
+        sums = _block_isums(isa, w, (e, g, p, b, header), xq, rows, b)
+        for u in range(len(rows)):
+            scale_add(acc, i0 + u, p, sums[u], _offset(w, xs, rows[u], b), w, (e, g, p, b, 0), xd[rows[u], b])
 
 
-def _dot_group_q8_0(w, s, e, g, act, toks, ntok, acc):
-    """Integer dot: int8 x int8 products fit int16, their block sums need int32."""
-    xq, xd = act[1], act[2]
-    nb, nj = w.shape[2], w.shape[3]
-    sums = stack_array(R, np.int32, R)
-    for b in range(nb):
-        for i in range(ntok):
-            t = toks[i]
-            sums[:] = 0
-            for j in range(nj):
-                xv = np.int16(xq[t, b, j])
-                for r in range(R):
-                    sums[r] += np.int32(np.int16(w[e, g, b, j, r]) * xv)
-            dx = xd[t, b]
-            for r in range(R):
-                acc[i, r] += np.float32(sums[r]) * (f16_to_f32(s[e, g, b, r]) * dx)
+def _dot_group_quant(w, e, g, act, toks, ntok, acc, isa):
+    for p in range(w.shape[2]):
+        i = 0
+        while ntok - i >= TOKENS:
+            _panel_tokens(w, e, g, p, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), i, acc, isa)
+            i += TOKENS
+        for j in range(i, ntok):
+            _panel_tokens(w, e, g, p, act, (toks[j],), j, acc, isa)
 
 
 def to_f32(v):  # pragma: no cover - typed by the overload below
@@ -190,8 +203,8 @@ def _to_f32_impl(v):
     return None
 
 
-def _dot_group_float(w, s, e, g, act, toks, ntok, acc):
-    """f32 multiply-add across the R rows; columns in chunks so that the chunk stays in L1 over tokens."""
+def _dot_group_float(w, e, g, act, toks, ntok, acc, isa):
+    """f32 multiply-add across the R rows; columns in chunks so that a chunk stays in L1 over tokens."""
     x = act[0]
     cols = w.shape[2]
     for c0 in range(0, cols, 2 * QK):
@@ -204,12 +217,5 @@ def _dot_group_float(w, s, e, g, act, toks, ntok, acc):
 
 
 @overload(dot_group)
-def _dot_group_impl(w, s, e, g, act, toks, ntok, acc):
-    if w.dtype == types.uint8:
-        return _dot_group_q4_0
-    if w.dtype == types.int8:
-        return _dot_group_q8_0
-    return _dot_group_float
-
-
-__all__ = ["R", "QK", "repack_quant", "repack_float", "prepare", "dot_group"]
+def _dot_group_impl(w, e, g, act, toks, ntok, acc, isa):
+    return _dot_group_quant if w.dtype in (types.uint8, types.int8) else _dot_group_float

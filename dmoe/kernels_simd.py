@@ -1,0 +1,260 @@
+"""The quantised formats' inner loops, written as LLVM IR through numba intrinsics: the integer
+block-dot micro-kernels (`q4_0_isums`, `q8_0_isums`), which return a `Vec` (an LLVM vector, kept in
+registers) of per-row sums, and `scale_add`, which scales such sums into an f32 accumulator tile.
+Written by hand because numba's auto-vectoriser, given the same loops, vectorises along a row (one
+horizontal sum per block) or spills the accumulators; here every vector lane is one weight row.
+
+Everything is target-independent LLVM IR (LLVM lowers it to AVX2, SSE, NEON or scalars) except in
+the micro-kernels, which have two lowerings chosen by their run-time `isa` argument: ISA_AVX2 uses
+x86's `vpmaddubsw` (32 unsigned x signed byte products summed in pairs, in one instruction; there is
+no generic IR that LLVM turns into it) and ISA_GENERIC the equivalent portable IR. The branch sits
+outside the unrolled block, once per 256-512 multiply-adds. On a host without AVX2 both branches are
+the generic IR, so nothing x86-only reaches LLVM there; on an AVX2 host the tests run both.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "q4_0_isums", "q8_0_isums", "scale_add"]
+
+ISA_GENERIC, ISA_AVX2 = 0, 1
+_HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
+HOST_ISA = ISA_AVX2 if _HOST_AVX2 else ISA_GENERIC  # the fastest lowering this machine runs
+
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+# Software prefetch distance of the weight stream: a single core keeps too few cache misses in
+# flight to stream from RAM (or even L3) at full speed with the hardware prefetcher alone; hinting
+# ~7 blocks ahead took one thread from ~10 to ~14-16 GB/s on the 2-core dev box (1024-4096 similar).
+PREFETCH_BYTES = 2048
+
+
+class Vec(types.Type):
+    """`lanes` values of the numba scalar type `dtype`, as one LLVM vector."""
+
+    def __init__(self, dtype: types.Number, lanes: int) -> None:
+        self.dtype, self.lanes = dtype, lanes
+        super().__init__(name=f"Vec({dtype}, {lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type: Vec) -> None:  # noqa: ANN001 - numba's model manager
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.lanes))
+
+
+# ---------------------------------------------------------------------------------------------
+# IR helpers
+
+
+def _ptr(context, builder, aryty, ary, idxty, idx):  # noqa: ANN001, ANN202 - numba codegen values
+    """Address of ary[idx] (idx a tuple of integers; no bounds or wrap-around checks)."""
+    vals = cgutils.unpack_tuple(builder, idx)
+    return _ptr_at(
+        context,
+        builder,
+        aryty,
+        ary,
+        [context.cast(builder, v, t, types.intp) for v, t in zip(vals, idxty, strict=True)],
+    )
+
+
+def _ptr_at(context, builder, aryty, ary, inds):  # noqa: ANN001, ANN202
+    """Address of ary[inds] for a list of intp values."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, arr, inds, wraparound=False)
+
+
+def _index_ok(arr, idx) -> bool:  # noqa: ANN001
+    return isinstance(arr, types.Array) and isinstance(idx, types.BaseTuple) and len(idx) == arr.ndim
+
+
+def _load(builder, ptr, ty: ir.Type, offset: int = 0):  # noqa: ANN001, ANN202
+    """Load a `ty` from byte offset `offset` of ptr (unaligned)."""
+    p = builder.gep(builder.bitcast(ptr, _I8.as_pointer()), [ir.Constant(_I32, offset)])
+    return builder.load(builder.bitcast(p, ty.as_pointer()), align=1)
+
+
+def _splat(builder, value, lanes: int):  # noqa: ANN001, ANN202
+    vty = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), None))
+
+
+def _const_vec(elem: ir.IntType, value: int, lanes: int) -> ir.Constant:
+    return ir.Constant(ir.VectorType(elem, lanes), [ir.Constant(elem, value)] * lanes)
+
+
+def _broadcast(builder, ptr, offset: int, elem: ir.IntType):  # noqa: ANN001, ANN202
+    """The `elem`-sized group of bytes at ptr + offset, repeated to fill 32 bytes."""
+    return builder.bitcast(
+        _splat(builder, _load(builder, ptr, elem, offset), 256 // elem.width), ir.VectorType(_I8, 32)
+    )
+
+
+def _pairwise_add(builder, v):  # noqa: ANN001, ANN202
+    """Lanes 2i and 2i+1 of v added: a vector of half the lanes."""
+    n = v.type.count
+    even = ir.Constant(ir.VectorType(_I32, n // 2), [ir.Constant(_I32, i) for i in range(0, n, 2)])
+    odd = ir.Constant(ir.VectorType(_I32, n // 2), [ir.Constant(_I32, i) for i in range(1, n, 2)])
+    return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
+
+
+def _prefetch(builder, ptr, ahead: int, span: int) -> None:  # noqa: ANN001
+    """Hint the cache lines of [ptr + ahead, ptr + ahead + span) in for reading (never faults)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8"
+    )
+    base = builder.bitcast(ptr, _I8.as_pointer())
+    for off in range(ahead, ahead + span, 64):
+        builder.call(
+            fn,
+            [
+                builder.gep(base, [ir.Constant(_I32, off)]),
+                ir.Constant(_I32, 0),
+                ir.Constant(_I32, 3),
+                ir.Constant(_I32, 1),
+            ],
+        )
+
+
+def _call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
+def _maddubs(builder, avx2: bool, u, s):  # noqa: ANN001, ANN202
+    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed). The
+    generic form does not saturate as vpmaddubsw does; the kernels keep every pair sum within int16."""
+    if avx2:
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
+    wide = ir.VectorType(_I16, 32)
+    return _pairwise_add(builder, builder.mul(builder.zext(u, wide), builder.sext(s, wide)))
+
+
+def _by_isa(context, builder, isa, emit):  # noqa: ANN001, ANN202
+    """emit(avx2: bool) -> list of values, under a branch on the run-time isa when the host has AVX2."""
+    if not _HOST_AVX2:
+        return emit(False)
+    use_avx2 = builder.icmp_signed("==", isa, ir.Constant(isa.type, ISA_AVX2))
+    with builder.if_else(use_avx2) as (then, otherwise):
+        with then:
+            fast, fast_block = emit(True), builder.block
+        with otherwise:
+            slow, slow_block = emit(False), builder.block
+    out = []
+    for f, s in zip(fast, slow, strict=True):
+        phi = builder.phi(f.type)
+        phi.add_incoming(f, fast_block)
+        phi.add_incoming(s, slow_block)
+        out.append(phi)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-dot micro-kernels: one 32-weight block of a panel of rows times the Q8_0 blocks of n tokens.
+# `w[widx]` is the first byte of the panel-block's payload; `xq[xrows[u], b]` the token's block.
+
+
+def _block_dot_intrinsic(payload: int, emit_one):  # noqa: ANN001, ANN202
+    """An intrinsic (isa, w, widx, xq, xrows, b) -> UniTuple(Vec, len(xrows)) whose codegen runs
+    emit_one(builder, avx2, wptr, xptrs) -> list of per-token vectors."""
+
+    def typer(typingctx, isa, w, widx, xq, xrows, b):
+        if not (_index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
+            return None
+        if not (isinstance(xrows, types.UniTuple) and isinstance(isa, types.Integer) and isinstance(b, types.Integer)):
+            return None
+        out = types.UniTuple(payload, len(xrows))
+
+        def codegen(context, builder, sig, args):
+            isa_v, w_v, widx_v, xq_v, xrows_v, b_v = args
+            wptr = _ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v)
+            zero = context.get_constant(types.intp, 0)
+            blk = context.cast(builder, b_v, sig.args[5], types.intp)
+            rows = [
+                context.cast(builder, r, sig.args[4].dtype, types.intp) for r in cgutils.unpack_tuple(builder, xrows_v)
+            ]
+            xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [row, blk, zero]) for row in rows]
+            _prefetch(builder, wptr, PREFETCH_BYTES, 256 + 64)
+            vecs = _by_isa(context, builder, isa_v, lambda avx2: emit_one(builder, avx2, wptr, xptrs))
+            return context.make_tuple(builder, out, vecs)
+
+        return out(isa, w, widx, xq, xrows, b), codegen
+
+    return intrinsic(typer)
+
+
+def _emit_q4_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
+    """16 rows: 8 vectors of 32 bytes, vector jp holding bytes 2jp and 2jp+1 of each row's 16 (low
+    nibble: weight j, high nibble: weight j + 16). Sums of q * x with q = 0..15, in int16 lanes with
+    wrap-around (the caller subtracts 8 * sum x, after which the value is exact; see kernels_formats)."""
+    acc = [ir.Constant(ir.VectorType(_I16, 16), None) for _ in xptrs]
+    low = _const_vec(_I8, 0x0F, 32)
+    for jp in range(8):
+        v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * jp)
+        lo, hi = builder.and_(v, low), builder.lshr(v, _const_vec(_I8, 4, 32))
+        for u, xp in enumerate(xptrs):
+            xl, xh = _broadcast(builder, xp, 2 * jp, _I16), _broadcast(builder, xp, 16 + 2 * jp, _I16)
+            acc[u] = builder.add(acc[u], builder.add(_maddubs(builder, avx2, lo, xl), _maddubs(builder, avx2, hi, xh)))
+    return acc
+
+
+def _emit_q8_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
+    """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums.
+    On AVX2 the signed x signed products go through vpmaddubsw as |w| x (x with w's sign), then
+    vpmaddwd against ones adds the pairs into int32 lanes."""
+    acc = [ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs]
+    ones = _const_vec(_I16, 1, 16)
+    for q in range(8):
+        v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * q)
+        absv = _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if avx2 else None
+        for u, xp in enumerate(xptrs):
+            x = _broadcast(builder, xp, 4 * q, _I32)
+            if avx2:
+                pairs = _maddubs(builder, True, absv, _call(builder, "llvm.x86.avx2.psign.b", v.type, x, v))
+                quads = _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, ones)
+            else:
+                wide = ir.VectorType(_I32, 32)
+                quads = _pairwise_add(
+                    builder, _pairwise_add(builder, builder.mul(builder.sext(v, wide), builder.sext(x, wide)))
+                )
+            acc[u] = builder.add(acc[u], quads)
+    return acc
+
+
+q4_0_isums = _block_dot_intrinsic(Vec(types.int16, 16), _emit_q4_0)
+q8_0_isums = _block_dot_intrinsic(Vec(types.int32, 8), _emit_q8_0)
+
+
+@intrinsic
+def scale_add(typingctx, acc, i, p, sums, offset, w, widx, dx):
+    """acc[i, p*L + l] += float(sums[l] - offset) * half(w[widx] bytes 2l..2l+1) * dx for the L lanes of
+    sums: a panel-block's integer sums, less Q4_0's offset, scaled by the rows' f16 block scales (the
+    panel-block's header) and the token's block scale, added to the f32 accumulator tile."""
+    if not (isinstance(sums, Vec) and isinstance(acc, types.Array) and acc.ndim == 2 and _index_ok(w, widx)):
+        return None
+    lanes = sums.lanes
+
+    def codegen(context, builder, sig, args):
+        acc_v, i_v, p_v, sums_v, off_v, w_v, widx_v, dx_v = args
+        ity = sig.args[1]
+        col = builder.mul(context.cast(builder, p_v, sig.args[2], types.intp), context.get_constant(types.intp, lanes))
+        aptr = _ptr_at(context, builder, sig.args[0], acc_v, [context.cast(builder, i_v, ity, types.intp), col])
+        f32s = ir.VectorType(ir.FloatType(), lanes)
+        off = context.cast(builder, off_v, sig.args[4], sums.dtype)
+        ints = builder.sub(sums_v, _splat(builder, off, lanes))
+        hdr = _ptr(context, builder, sig.args[5], w_v, sig.args[6], widx_v)
+        scale = builder.fpext(_load(builder, hdr, ir.VectorType(ir.HalfType(), lanes)), f32s)
+        dxs = _splat(builder, context.cast(builder, dx_v, sig.args[7], types.float32), lanes)
+        total = builder.fadd(
+            _load(builder, aptr, f32s), builder.fmul(builder.sitofp(ints, f32s), builder.fmul(scale, dxs))
+        )
+        builder.store(total, builder.bitcast(aptr, f32s.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(acc, i, p, sums, offset, w, widx, dx), codegen
