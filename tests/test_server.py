@@ -1,0 +1,301 @@
+"""The OpenAI-compatible server under `mpirun -n 2`, driven by the official openai client and raw HTTP.
+
+The model is tiny and random: its text is noise, but the tokenizer, chat template, stop tokens, cache
+and protocol are the real ones, which is what these tests are about."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from dmoe.modelfile import ModelFile
+from dmoe.qwen_tokenizer import qwen3_chat_template
+from dmoe.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-key"
+NAME = "tiny"
+CONTEXT = 1024
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0, timeout=120,
+                             **kw)
+
+    def request(self, method: str, path: str, body: bytes | dict[str, Any] | None = None,
+                key: str | None = KEY) -> tuple[int, Any]:
+        """One raw HTTP request: (status, decoded JSON body)."""
+        u = urllib.parse.urlparse(self.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        conn.request(method, path, data, headers)
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def start_server(model: str, log: Path, ranks: int) -> Server:
+    launcher = ["mpirun", "-n", str(ranks)] if ranks > 1 else []
+    cmd = [*launcher, sys.executable, str(ROOT / "launch.py"), "serve", "--model", model, "--port", "0",
+           "--max-seq-len", str(CONTEXT), "--model-name", NAME, "--api-key", KEY, "--verbose"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    server = Server(proc, "", log)
+    deadline = time.monotonic() + 180
+    while not (m := re.search(r"at (http://\S+)/v1", server.log_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"the server did not start:\n{server.log_text()}")
+        time.sleep(0.2)
+    server.url = m.group(1)
+    assert server.request("GET", "/health", key=None) == (200, {"status": "ok"})
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(text_model: Callable[..., str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(text_model(), tmp_path_factory.mktemp("server") / "stderr.log", ranks=2)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tok(text_model: Callable[..., str]) -> Tokenizer:
+    t = Tokenizer.from_gguf_fields(ModelFile(text_model()).metadata)
+    assert t is not None
+    return t
+
+
+def chat(client: openai.OpenAI, text: str, **kw: Any) -> Any:
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": text}], **kw)
+
+
+def stream_chat(client: openai.OpenAI, text: str, **kw: Any) -> tuple[str, str, str | None, list[Any]]:
+    """(content, reasoning, finish_reason, chunks) of a streamed chat completion."""
+    chunks = list(chat(client, text, stream=True, **kw))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    finish = next((c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason), None)
+    return content, reasoning, finish, chunks
+
+
+def test_models_and_health(server: Server) -> None:
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert server.client().models.retrieve(NAME).id == NAME
+
+
+def test_chat_usage_and_streaming(server: Server, tok: Tokenizer) -> None:
+    client = server.client()
+    text = "Why is the sky blue?"
+    r = chat(client, text, max_tokens=8, **GREEDY)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": text}]))
+    assert r.object == "chat.completion" and r.model == NAME
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
+    assert r.usage.prompt_tokens == len(prompt)
+    assert 1 <= r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    # the same request streamed: the same text, and all but the last prompt token come from the cache
+    content, _, finish, chunks = stream_chat(client, text, max_tokens=8, stream_options={"include_usage": True},
+                                             **GREEDY)
+    assert content == r.choices[0].message.content and finish == r.choices[0].finish_reason
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == r.usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+
+    # a follow-up turn reuses the cache up to the first answer
+    follow = [{"role": "user", "content": text}, {"role": "assistant", "content": r.choices[0].message.content},
+              {"role": "user", "content": "And at sunset?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=follow, max_tokens=2, **GREEDY)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= len(prompt)
+
+
+def test_completions(server: Server, tok: Tokenizer) -> None:
+    client = server.client()
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, **GREEDY)
+    assert r.object == "text_completion" and r.choices[0].text
+    assert r.usage.prompt_tokens == len(tok.encode("Once upon a time"))
+    by_ids = client.completions.create(model=NAME, prompt=tok.encode("Once upon a time"), max_tokens=6, **GREEDY)
+    assert by_ids.choices[0].text == r.choices[0].text
+    streamed = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_seed_reproducible(server: Server) -> None:
+    client = server.client()
+
+    def sample(seed: int) -> str:
+        r = chat(client, "Tell me a story.", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed,
+                 extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1})
+        return r.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stop_strings(server: Server) -> None:
+    client = server.client()
+    full = client.completions.create(model=NAME, prompt="Count: one two", max_tokens=16, **GREEDY).choices[0].text
+    assert len(full) >= 8
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    for given in (stop, [stop, "never appears in this text \u2603"]):
+        r = client.completions.create(model=NAME, prompt="Count: one two", max_tokens=16, stop=given, **GREEDY)
+        assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    content, _, finish, _ = stream_chat(client, "Hello", max_tokens=16, **GREEDY)
+    stop = content[len(content) // 2:len(content) // 2 + 2]
+    cut, _, finish, _ = stream_chat(client, "Hello", max_tokens=16, stop=stop, **GREEDY)
+    assert (cut, finish) == (content[:content.find(stop)], "stop")
+
+
+def test_thinking_off_leaves_no_reasoning(server: Server) -> None:
+    r = chat(server.client(), "Hi", max_tokens=4, extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+             **GREEDY)
+    assert r.choices[0].message.content and getattr(r.choices[0].message, "reasoning_content", None) is None
+
+
+def test_concurrent_clients_are_queued_not_mixed(server: Server) -> None:
+    client = server.client()
+    prompts = [f"Question number {i}: what is {i} + {i}?" for i in range(4)]
+
+    def ask(i: int) -> str:
+        if i % 2:  # half of them streamed
+            return stream_chat(client, prompts[i], max_tokens=10, **GREEDY)[0]
+        return chat(client, prompts[i], max_tokens=10, **GREEDY).choices[0].message.content
+
+    alone = [ask(i) for i in range(4)]
+    assert len(set(alone)) == 4
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, [*range(4), *range(4)]))
+    assert together == alone + alone
+
+
+def test_dropped_stream_frees_the_engine(server: Server) -> None:
+    u = urllib.parse.urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
+            "max_tokens": CONTEXT - 64, **GREEDY}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(200).startswith(b"data: ")
+    resp.close()  # mid-stream
+    conn.close()
+    t0 = time.perf_counter()
+    r = chat(server.client(), "Short one.", max_tokens=3, **GREEDY)
+    assert r.choices[0].message.content
+    deadline = time.monotonic() + 30
+    while not (m := re.search(r"cancelled; .* generated (\d+) tokens", server.log_text())):
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.1)
+    assert int(m.group(1)) < CONTEXT - 64
+    print(f"request after a dropped stream answered in {time.perf_counter() - t0:.2f} s")
+
+
+def test_bad_requests_get_openai_errors(server: Server) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    cases: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", b"[1, 2]", 400, None),
+        ("/v1/chat/completions", {"model": NAME}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": msgs, "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": 1.5}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "top_p": 1.5}, 400, "top_p"),
+        ("/v1/chat/completions", {"messages": msgs, "stop": [1]}, 400, "stop"),
+        ("/v1/chat/completions", {"messages": msgs, "stream": "yes"}, 400, "stream"),
+        ("/v1/chat/completions", {"messages": msgs, "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": [1] * CONTEXT}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": {"text": "x"}}, 400, "prompt"),
+        ("/v1/embeddings", {"input": "x"}, 404, None),
+    ]
+    for path, body, status, param in cases:
+        got, answer = server.request("POST", path, body)
+        assert (got, answer["error"]["param"]) == (status, param), (path, body, answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    got, answer = server.request("POST", "/v1/completions", {"prompt": [1] * CONTEXT})
+    assert answer["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server.client(), "Hi", max_tokens=CONTEXT * 2)
+    assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
+    # still serving, and lenient with fields it does not know
+    r = chat(server.client(), "Hi", max_tokens=2, extra_body={"some_new_field": {"x": 1}}, user="u1", **GREEDY)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_api_key(server: Server) -> None:
+    for key in ("wrong", None):
+        status, answer = server.request("GET", "/v1/models", key=key)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        chat(server.client(api_key="wrong"), "Hi", max_tokens=2)
+    assert server.request("GET", "/health", key=None)[0] == 200
+
+
+def test_sigterm_stops_cleanly(server: Server) -> None:
+    assert server.stop() == 0
+    assert "server stopped" in server.log_text()
+
+
+def thinking_template() -> str:
+    """Qwen3's template as the thinking-only Qwen3 models have it: the prompt opens <think> for the model."""
+    plain = "{{- '<|im_start|>assistant\\n' }}"
+    template = qwen3_chat_template()
+    assert template.count(plain) == 1
+    return template.replace(plain, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+
+
+def test_reasoning_content_apart(text_model: Callable[..., str], tmp_path: Path) -> None:
+    """With a template that opens <think>, the random model's whole output is thinking (it never closes it):
+    it must come as reasoning_content, never as content, streamed or not."""
+    s = start_server(text_model(thinking_template()), tmp_path / "stderr.log", ranks=1)
+    try:
+        client = s.client()
+        r = chat(client, "Think about it.", max_tokens=8, **GREEDY)
+        assert r.choices[0].message.reasoning_content and r.choices[0].message.content == ""
+        content, reasoning, _, _ = stream_chat(client, "Think about it.", max_tokens=8, **GREEDY)
+        assert (content, reasoning) == ("", r.choices[0].message.reasoning_content)
+    finally:
+        assert s.stop() == 0
