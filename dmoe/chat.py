@@ -63,13 +63,15 @@ class _Display:
 
 
 def run_chat(args: argparse.Namespace, engine: Engine) -> int:
-    """Talk until /exit, end of input (Ctrl-D) or Ctrl-C at the prompt; Ctrl-C during an answer ends the answer."""
+    """Talk until /exit, end of input (Ctrl-D) or Ctrl-C at the prompt; Ctrl-C during an answer ends the answer.
+    (Under mpirun the first Ctrl-C comes to us, but mpiexec aborts the job at a second one.)"""
     tok = engine.tokenizer
     if tok is None or tok.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; chat needs one")
     system: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    prompt = "> " if sys.stdin.isatty() else ""
+    # mpirun hands rank 0 pipes, not the terminal: show the prompt there too (but never ANSI, see _Display)
+    prompt = "> " if sys.stdin.isatty() or engine.comm.size > 1 else ""
     print("dmoe: chat ready: /think or /no_think in a message switches thinking for that turn; "
           "/reset starts over; /exit, Ctrl-D or Ctrl-C ends", file=sys.stderr, flush=True)
     while True:
