@@ -132,13 +132,13 @@ class TextStream:
                 self.stopped = True
                 out, self._pending = self._pending[:i], ""
                 return out
-        hold = 0 if final else max((_overlap(self._pending, s) for s in self._stop), default=0)
+        hold = 0 if final else max((partial_suffix(self._pending, s) for s in self._stop), default=0)
         out = self._pending[:len(self._pending) - hold]
         self._pending = self._pending[len(self._pending) - hold:]
         return out
 
 
-def _overlap(text: str, stop: str) -> int:
+def partial_suffix(text: str, stop: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `stop`."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
         if text.endswith(stop[:n]):

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 from dmoe.engine import Engine
-from dmoe.generation import GenerationStats, TextStream, _overlap, generate
+from dmoe.generation import GenerationStats, TextStream, generate, partial_suffix
 from dmoe.sampling import SamplingParams
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -59,7 +59,7 @@ class ReasoningSplitter:
                 self._pending = self._pending[len(THINK_CLOSE):]
                 self._state, self._section_start = "answer", True
             else:  # hold back a possible start of </think> and the newlines before it
-                tag = 0 if final else _overlap(self._pending, THINK_CLOSE)
+                tag = 0 if final else partial_suffix(self._pending, THINK_CLOSE)
                 reasoning = self._take(len(self._pending[:len(self._pending) - tag].rstrip("\n")))
                 if final:
                     self._pending = ""
