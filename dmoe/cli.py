@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure prefill and decode speed")
     model_args(b)
-    b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for the prefill measurement")
+    b.add_argument("--prompt-len", type=lambda v: [int(x) for x in v.split(",")], default=[64],
+                   help="prompt tokens for the prefill measurement; a comma list measures each (default 64)")
     b.add_argument("--steps", type=int, default=128, help="tokens to decode")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -156,7 +157,7 @@ def _check_args(args: argparse.Namespace) -> None:
             problems.append("give exactly one of --prompt and --prompt-ids")
         if args.prompt_ids is not None and args.chat:
             problems.append("--chat needs a text --prompt, not --prompt-ids")
-    if args.command == "bench" and args.prompt_len < 1:
+    if args.command == "bench" and min(args.prompt_len) < 1:
         problems.append("--prompt-len must be >= 1")
     if problems:
         print(f"dmoe: error: {problems[0]}", file=sys.stderr)
@@ -271,19 +272,31 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 
 
 def _bench(args: argparse.Namespace, engine: Any) -> int:
-    """Prefill a prompt of --prompt-len random ids, then decode --steps tokens greedily."""
+    """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
+    --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate
     from dmoe.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
-    ids = [int(i) for i in rng.integers(0, min(engine.config.vocab_size, 100_000), args.prompt_len)]
-    stats = GenerationStats()
-    for _ in generate(engine, ids, SamplingParams(), args.steps, frozenset(), stats):
-        pass
-    result = {"prompt_tokens": args.prompt_len, "generated_tokens": stats.generated_tokens,
-              "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s, "ttft_s": stats.ttft_s,
-              "comm_ms_per_token": stats.comm_ms_per_token, "ranks": engine.comm.size, "threads": engine.nthreads}
-    print(json.dumps(result) if args.json else f"dmoe: {stats.summary()}")
+    result: dict[str, Any] = {"ranks": engine.comm.size, "threads": engine.nthreads,
+                              "load_s": engine.load_seconds}
+    for i, n in enumerate(args.prompt_len):
+        ids = [int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), n)]
+        stats = GenerationStats()
+        engine.reset()
+        for _ in generate(engine, ids, SamplingParams(), args.steps if i == 0 else 1, frozenset(), stats):
+            pass
+        result[f"prefill{n}_tok_s"] = stats.prefill_tok_s
+        result[f"ttft{n}_s"] = stats.ttft_s
+        if i == 0:
+            result |= {"decode_tok_s": stats.decode_tok_s, "generated_tokens": stats.generated_tokens,
+                       "comm_ms_per_token": stats.comm_ms_per_token, "comm_kb_per_token_per_rank":
+                       engine.comm.bytes_sent / 1024 / max(1, n + stats.generated_tokens - 1)}
+        if not args.json:
+            print(f"dmoe: {stats.summary()}")
+    result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
+    if args.json:
+        print(json.dumps(result))
     return 0

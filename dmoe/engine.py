@@ -9,6 +9,8 @@ single-process engine.
 from __future__ import annotations
 
 import os
+import resource
+import time
 from collections.abc import Sequence
 
 import numba
@@ -23,7 +25,7 @@ from dmoe.tokenizer import Tokenizer
 from dmoe.weights import load_weights
 
 KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see ops.F16_TO_F32)
-_FORWARD, _TRUNCATE, _STOP = 1, 2, 3
+_FORWARD, _TRUNCATE, _STOP, _REPORT = 1, 2, 3, 4
 DECODE_CAPACITY = 1
 
 
@@ -60,6 +62,7 @@ class Engine:
         self._header = np.zeros(4, np.int64)  # [command, T, position, all_logits]
         self.tokens: list[int] = []  # the ids whose keys and values are in the cache
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
+        self.load_seconds = 0.0
 
     @classmethod
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
@@ -71,7 +74,10 @@ class Engine:
             on_host = comm.allgather_obj(comm.host).count(comm.host)
             nthreads = max(1, (os.cpu_count() or 1) // on_host)
         nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
-        return cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress)
+        t0 = time.perf_counter()
+        engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress)
+        engine.load_seconds = time.perf_counter() - t0
+        return engine
 
     @property
     def position(self) -> int:
@@ -107,6 +113,12 @@ class Engine:
     def reset(self) -> None:
         self.truncate(0)
 
+    def peak_rss_per_rank(self) -> list[float]:
+        """Every rank's peak resident memory so far, in GB (a collective: workers answer too)."""
+        self._header[:] = (_REPORT, 0, 0, 0)
+        self.comm.bcast(self._header)
+        return self.comm.allgather_obj(_peak_rss_gb())
+
     def close(self) -> None:
         """Release the workers (they return from `serve_forever`)."""
         if self.is_root and self.comm.size > 1:
@@ -124,6 +136,8 @@ class Engine:
                 return
             if command == _TRUNCATE:
                 del self.tokens[position:]
+            elif command == _REPORT:
+                self.comm.allgather_obj(_peak_rss_gb())
             elif command == _FORWARD:
                 if position != self.position:
                     raise RuntimeError(f"worker at position {self.position}, root at {position}")
@@ -161,3 +175,7 @@ class Engine:
         self.comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
         return logits if self.is_root else None
 
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
