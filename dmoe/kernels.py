@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .kernels_formats import QK, QUANT_LAYOUT, R, dot_group, prepare, repack_float, repack_quant
 from .kernels_llvm import stack_array
@@ -143,7 +143,7 @@ def moe_forward(
         gate.data, up.data, down.data, down.cols,
         h, *_q8_buffers(h.shape, gate.quantised, "moe_h"), ids, weights, out,
         s["act"], *_q8_buffers(s["act"].shape, down.quantised, "moe_act"),
-        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k), _isa,
+        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k), _isa, get_num_threads(),
     )  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def _matmul(w, x, xq, xd, xs, iota, out, isa):
 
 @njit(parallel=True, cache=True)
 def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, offsets, fill, slot_tok, slot_w, items,
-         iota, isa):  # fmt: skip
+         iota, isa, n_threads):  # fmt: skip
     """See moe_forward. h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order),
     each with buffers for its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges."""
     hact, aact = (h, hq, hd, hs), (act, aq, ad, as_)
@@ -219,21 +219,25 @@ def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, off
                 act[p0 + i, g * R + r] = a / (np.float32(1.0) + np.exp(-a)) * acc_u[i, r]
             prepare(dw, aact, p0 + i, g * R, min(g * R + R, ff))
 
-    # Phase B: out[t, rows of group g] = sum over slots of w * down . act, each group by one thread.
-    d = out.shape[1]
-    for g in prange(dw.shape[1]):
-        rows = min(R, d - g * R)
-        out[:, g * R : g * R + rows] = 0
+    # Phase B: out[t, rows of groups g0..g1] = sum over slots of w * down . act. Each thread owns a
+    # contiguous range of row groups and walks it expert by expert: one long sequential stream of
+    # weights per expert instead of a short one per (group, expert).
+    d, g_d = out.shape[1], dw.shape[1]
+    n_chunks = min(n_threads, g_d)
+    for c in prange(n_chunks):
+        g0, g1 = c * g_d // n_chunks, (c + 1) * g_d // n_chunks
+        out[:, g0 * R : min(g1 * R, d)] = 0
         acc = stack_array(_ACC, np.float32, (TT, R))
         for e in range(n_exp):
             for p0 in range(offsets[e], offsets[e + 1], TT):
                 n = min(TT, offsets[e + 1] - p0)
-                acc[:n] = 0
-                dot_group(dw, e, g, aact, iota[p0 : p0 + n], n, acc, isa)
-                for i in range(n):
-                    t, wt = slot_tok[p0 + i], slot_w[p0 + i]
-                    for r in range(rows):
-                        out[t, g * R + r] += wt * acc[i, r]
+                for g in range(g0, g1):
+                    acc[:n] = 0
+                    dot_group(dw, e, g, aact, iota[p0 : p0 + n], n, acc, isa)
+                    for i in range(n):
+                        t, wt = slot_tok[p0 + i], slot_w[p0 + i]
+                        for r in range(min(R, d - g * R)):
+                            out[t, g * R + r] += wt * acc[i, r]
 
 
 # ---------------------------------------------------------------------------------------------

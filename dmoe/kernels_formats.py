@@ -61,8 +61,8 @@ QUANT_LAYOUT = {"Q4_0": (18, 2, 2), "Q8_0": (34, 4, 4)}
 @njit(parallel=True, cache=True)
 def repack_quant(src, row0, block_bytes, unit, dst):
     """Q4_0/Q8_0 rows -> dst uint8 [E, G, panels, nb, header + 256]: row r of a group goes to panel
-    r // (R / panels); its scale to header bytes 2r', 2r'+1 and payload byte j to vector j // unit,
-    lane bytes unit * r' + j % unit (r' = the row within its panel)."""
+    r // (R / panels); its scale to header bytes 2r', 2r'+1 and its payload bytes unit*v .. unit*v +
+    unit - 1 to vector v at lane bytes unit*r' .. (r' = the row within its panel)."""
     n_exp, n = src.shape[0], src.shape[1]
     panels, nb = dst.shape[2], dst.shape[3]
     rows_per_panel = R // panels
@@ -77,8 +77,9 @@ def repack_quant(src, row0, block_bytes, unit, dst):
                 o = b * block_bytes
                 dst[e, g, p, b, 2 * rr] = src[e, srow, o]
                 dst[e, g, p, b, 2 * rr + 1] = src[e, srow, o + 1]
-                for j in range(block_bytes - 2):
-                    dst[e, g, p, b, header + 32 * (j // unit) + unit * rr + j % unit] = src[e, srow, o + 2 + j]
+                for v in range((block_bytes - 2) // unit):
+                    for u in range(unit):
+                        dst[e, g, p, b, header + 32 * v + unit * rr + u] = src[e, srow, o + 2 + unit * v + u]
 
 
 @njit(parallel=True, cache=True)
