@@ -70,3 +70,19 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
         return made[template]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small model with a long context, so that a generation runs long enough to be interrupted."""
+    from gguf import GGMLQuantizationType as QT
+
+    from dmoe.config import ModelConfig
+    from dmoe.synthetic import write_synthetic
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, moe_intermediate_size=64, num_experts=8,
+                      num_experts_per_tok=2, max_position_embeddings=1 << 20)
+    path = str(tmp_path_factory.mktemp("long") / "long.m")
+    write_synthetic(cfg, QT.Q8_0, path, progress=False)
+    return path

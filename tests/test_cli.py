@@ -1,0 +1,96 @@
+"""launch.py as a user meets it: output, JSON, seeds, Ctrl-C, and one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hf_models import load_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_json_greedy_matches_transformers(hf_checkpoint, model_file) -> None:
+    r = launch("--model", model_file("a", "f32"), "--prompt-ids", "5,17,42", "--steps", "12", "--temperature", "0",
+               "--kv-type", "f32", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("prompt_ids", "ids", "text", "prefill_tok_s", "decode_tok_s", "ttft_s", "comm_ms_per_token"):
+        assert key in out
+    assert out["prompt_ids"] == [5, 17, 42] and out["finish_reason"] == "length"
+    with torch.no_grad():
+        ref = load_reference(hf_checkpoint("a")).generate(torch.tensor([[5, 17, 42]]), max_new_tokens=12,
+                                                          do_sample=False, pad_token_id=0)
+    assert out["ids"] == ref[0, 3:].tolist()
+
+
+def test_seed_reproduces(model_file) -> None:
+    def ids(seed: str) -> list[int]:
+        r = launch("--model", model_file("c", "q80"), "--prompt-ids", "1,2", "--steps", "24", "--temperature", "1.5",
+                   "--top-k", "0", "--top-p", "1", "--seed", seed, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["ids"]
+
+    first = ids("7")
+    assert ids("7") == first
+    assert ids("8") != first
+
+
+def test_text_prompt_streams_and_reports(text_model) -> None:
+    r = launch("--model", text_model(), "--prompt", "Once upon a time", "--steps", "10", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout) > 1
+    timing = r.stderr.strip().splitlines()[-1]
+    assert "prompt 4 tokens" in timing and "tok/s" in timing and "time to first token" in timing
+
+
+def test_info(text_model) -> None:
+    r = launch("info", "--model", text_model())
+    assert r.returncode == 0, r.stderr
+    for line in ("architecture    qwen3moe", "experts         8, top-2", "vocab           151936",
+                 "tokenizer       yes (HF tokenizer.json inside)", "chat template   yes"):
+        assert line in r.stdout
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--model", "/no/such.m", "--prompt-ids", "1"], 1, "/no/such.m: no such file"),
+    (["--prompt-ids", "1", "--top-p", "2"], 2, "top_p"),
+    (["--prompt-ids", "1", "--steps", "0"], 2, "--steps must be >= 1"),
+    (["--temperature", "0"], 2, "give exactly one of --prompt and --prompt-ids"),
+    (["--prompt-ids", "1,x"], 1, "--prompt-ids must be comma-separated integers"),
+    (["--prompt-ids", "1,99999"], 1, "outside the vocabulary"),
+    (["--prompt-ids", ",".join(["1"] * 40), "--max-seq-len", "32"], 1, "the context holds 32"),
+    (["--prompt", "hello"], 1, "has no tokenizer; give --prompt-ids"),
+    (["--prompt-ids", "1", "--kv-type", "f8"], 2, "invalid choice"),
+])
+def test_bad_input_is_one_line(args: list[str], code: int, message: str, model_file) -> None:
+    if "--model" not in args:
+        args = ["--model", model_file("a", "q40"), *args]
+    r = launch(*args)
+    assert r.returncode == code, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_cleanly(long_model) -> None:
+    proc = subprocess.Popen([sys.executable, "launch.py", "--model", long_model, "--prompt-ids", "1,2",
+                             "--steps", "100000", "--max-seq-len", "200000", "--temperature", "0", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "interrupted" and 0 < len(result["ids"]) < 100000
