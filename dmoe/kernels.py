@@ -35,7 +35,7 @@ __all__ = [
 TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
 _ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
 
-_QUANT = {QT.Q4_0: np.uint8, QT.Q8_0: np.int8}  # storage dtype (it tells the kernels the format)
+_QUANT = {QT[name]: (np.dtype(dtype), *geometry) for dtype, (name, *geometry) in QUANT_LAYOUT.items()}
 _FLOAT = {QT.F32: (np.float32, np.uint32, 4), QT.F16: (np.uint16, np.uint16, 2), QT.BF16: (np.int16, np.uint16, 2)}
 
 _isa = HOST_ISA
@@ -59,10 +59,10 @@ class ExpertWeights:
         if self.qtype in _QUANT:
             if cols % QK:
                 raise ValueError(f"{self.qtype.name} weights need cols divisible by {QK}, got {cols}")
-            block_bytes, panels, _ = QUANT_LAYOUT[self.qtype.name]
+            dtype, _, panels, _ = _QUANT[self.qtype]  # the dtype tells the kernels the format
             header = 2 * R // panels  # the panel's f16 scales
             # [E, G, panels, nb, header + 256]
-            self.data = np.zeros((n_experts, groups, panels, cols // QK, header + 256), _QUANT[self.qtype])
+            self.data = np.zeros((n_experts, groups, panels, cols // QK, header + 256), dtype)
         elif self.qtype in _FLOAT:
             self.data = np.zeros((n_experts, groups, cols, R), _FLOAT[self.qtype][0])  # [E, G, cols, R]
         else:
@@ -72,7 +72,7 @@ class ExpertWeights:
     def row_bytes(self) -> int:
         """Bytes of one row in ggml's layout."""
         if self.quantised:
-            return self.cols // QK * QUANT_LAYOUT[self.qtype.name][0]
+            return self.cols // QK * _QUANT[self.qtype][1]
         return self.cols * _FLOAT[self.qtype][2]
 
     def _repack(self, raw: np.ndarray, row0: int) -> None:
@@ -83,8 +83,7 @@ class ExpertWeights:
                 f"got {raw.dtype} {raw.shape}"
             )
         if self.quantised:
-            block_bytes, _, unit = QUANT_LAYOUT[self.qtype.name]
-            repack_quant(raw, row0, block_bytes, unit, self.data.view(np.uint8))
+            repack_quant(raw, row0, self.data)
         else:
             repack_float(raw, row0, self.data.view(_FLOAT[self.qtype][1]))
 

@@ -49,8 +49,8 @@ R = 32  # rows per group: a multiple of 32, so that a group's outputs are whole 
 QK = 32  # weights per ggml block
 TOKENS = 4  # tokens per micro-kernel call: the unpacked weights in registers serve 4 tokens
 
-# qtype name -> (ggml block bytes, panels per group, bytes per row per 32-byte vector)
-QUANT_LAYOUT = {"Q4_0": (18, 2, 2), "Q8_0": (34, 4, 4)}
+# storage dtype name -> (qtype name, ggml block bytes, panels per group, bytes per row per 32-byte vector)
+QUANT_LAYOUT = {"uint8": ("Q4_0", 18, 2, 2), "int8": ("Q8_0", 34, 4, 4)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,28 +58,37 @@ QUANT_LAYOUT = {"Q4_0": (18, 2, 2), "Q8_0": (34, 4, 4)}
 # One prange over (expert, group); each iteration writes one whole group, so threads share no lines.
 
 
+def _geometry(dst):  # pragma: no cover - typed by the overload below
+    """(block bytes, bytes per row per vector, rows per panel) of a quantised layout, as constants."""
+
+
+@overload(_geometry, inline="always")
+def _geometry_impl(dst):
+    _, block_bytes, panels, unit = QUANT_LAYOUT[str(dst.dtype)]
+    geometry = (block_bytes, unit, R // panels)
+    return lambda dst: geometry  # compile-time constants: the copy loops below unroll (~4x faster)
+
+
 @njit(parallel=True, cache=True)
-def repack_quant(src, row0, block_bytes, unit, dst):
-    """Q4_0/Q8_0 rows -> dst uint8 [E, G, panels, nb, header + 256]: row r of a group goes to panel
-    r // (R / panels); its scale to header bytes 2r', 2r'+1 and its payload bytes unit*v .. unit*v +
-    unit - 1 to vector v at lane bytes unit*r' .. (r' = the row within its panel)."""
-    n_exp, n = src.shape[0], src.shape[1]
-    panels, nb = dst.shape[2], dst.shape[3]
-    rows_per_panel = R // panels
-    header = 2 * rows_per_panel
+def repack_quant(src, row0, dst):
+    """Q4_0/Q8_0 rows -> dst [E, G, panels, nb, header + 256]: row r of a group goes to panel
+    r // rows_per_panel; its scale to header bytes 2r', 2r'+1 and its payload bytes unit*v ..
+    unit*v + unit - 1 to vector v, lane bytes unit*r' .. (r' = the row within its panel)."""
+    block_bytes, unit, rows_per_panel = _geometry(dst)
+    n_exp, n, nb = src.shape[0], src.shape[1], dst.shape[3]
     g0, g1 = row0 // R, (row0 + n + R - 1) // R
     for i in prange(n_exp * (g1 - g0)):
         e, g = i // (g1 - g0), g0 + i % (g1 - g0)
         for row in range(max(g * R, row0), min(g * R + R, row0 + n)):
             p, rr = (row - g * R) // rows_per_panel, (row - g * R) % rows_per_panel
-            srow = row - row0
+            s = src[e, row - row0]
             for b in range(nb):
-                o = b * block_bytes
-                dst[e, g, p, b, 2 * rr] = src[e, srow, o]
-                dst[e, g, p, b, 2 * rr + 1] = src[e, srow, o + 1]
+                o, d = b * block_bytes, dst[e, g, p, b]
+                d[2 * rr] = s[o]
+                d[2 * rr + 1] = s[o + 1]
                 for v in range((block_bytes - 2) // unit):
                     for u in range(unit):
-                        dst[e, g, p, b, header + 32 * v + unit * rr + u] = src[e, srow, o + 2 + unit * v + u]
+                        d[2 * rows_per_panel + 32 * v + unit * rr + u] = s[o + 2 + unit * v + u]
 
 
 @njit(parallel=True, cache=True)
