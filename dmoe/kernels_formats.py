@@ -178,24 +178,24 @@ def _offset_impl(w, xs, t, b):
 
 
 @njit(inline="always")
-def _panel_tokens(w, e, g, p, act, rows, i0, acc, isa):
-    """Panel p of group g times the tokens `rows` (a tuple), into acc[i0 : i0 + len(rows)]."""
+def _block_tokens(w, e, g, p, b, act, rows, i0, acc, isa):
+    """Block b of panel p of group g times the tokens `rows` (a tuple), into acc[i0 : i0 + len(rows)]."""
     xq, xd, xs = act[1], act[2], act[3]
-    header = w.shape[4] - 256
-    for b in range(w.shape[3]):
-        sums = _block_isums(isa, w, (e, g, p, b, header), xq, rows, b)
-        for u in range(len(rows)):
-            scale_add(acc, i0 + u, p, sums[u], _offset(w, xs, rows[u], b), w, (e, g, p, b, 0), xd[rows[u], b])
+    sums = _block_isums(isa, w, (e, g, p, b, w.shape[4] - 256), xq, rows, b)
+    for u in range(len(rows)):
+        scale_add(acc, i0 + u, p, sums[u], _offset(w, xs, rows[u], b), w, (e, g, p, b, 0), xd[rows[u], b])
 
 
 def _dot_group_quant(w, e, g, act, toks, ntok, acc, isa):
+    """Blocks outermost, so that a block, once loaded, stays in L1 for every token of the tile."""
     for p in range(w.shape[2]):
-        i = 0
-        while ntok - i >= TOKENS:
-            _panel_tokens(w, e, g, p, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), i, acc, isa)
-            i += TOKENS
-        for j in range(i, ntok):
-            _panel_tokens(w, e, g, p, act, (toks[j],), j, acc, isa)
+        for b in range(w.shape[3]):
+            i = 0
+            while ntok - i >= TOKENS:
+                _block_tokens(w, e, g, p, b, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), i, acc, isa)
+                i += TOKENS
+            for j in range(i, ntok):
+                _block_tokens(w, e, g, p, b, act, (toks[j],), j, acc, isa)
 
 
 def to_f32(v):  # pragma: no cover - typed by the overload below
