@@ -40,8 +40,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .kernels_llvm import bf16_to_f32, f16_to_f32
-from .kernels_simd import q4_0_isums, q8_0_isums, scale_add
+from .kernels_simd import float_rows_dot, q4_0_isums, q8_0_isums, scale_add
 
 __all__ = ["R", "QK", "QUANT_LAYOUT", "repack_quant", "repack_float", "prepare", "dot_group"]
 
@@ -198,32 +197,10 @@ def _dot_group_quant(w, e, g, act, toks, ntok, acc, isa):
                 _block_tokens(w, e, g, p, b, act, (toks[j],), j, acc, isa)
 
 
-def to_f32(v):  # pragma: no cover - typed by the overload below
-    """A stored float weight (f32, f16 bits as uint16, bf16 bits as int16) as float32."""
-
-
-@overload(to_f32)
-def _to_f32_impl(v):
-    if v == types.float32:
-        return lambda v: v
-    if v == types.uint16:
-        return lambda v: f16_to_f32(v)
-    if v == types.int16:
-        return lambda v: bf16_to_f32(v)
-    return None
-
-
 def _dot_group_float(w, e, g, act, toks, ntok, acc, isa):
-    """f32 multiply-add across the R rows; columns in chunks so that a chunk stays in L1 over tokens."""
-    x = act[0]
-    cols = w.shape[2]
-    for c0 in range(0, cols, 2 * QK):
-        for i in range(ntok):
-            t = toks[i]
-            for c in range(c0, min(c0 + 2 * QK, cols)):
-                xv = x[t, c]
-                for r in range(R):
-                    acc[i, r] += to_f32(w[e, g, c, r]) * xv
+    """Token by token: f32 multiply-add of the group's R rows (the vector lanes) along the columns."""
+    for i in range(ntok):
+        float_rows_dot(w, (e, g, 0, 0), act[0], (toks[i], 0), acc, (i, 0), R)
 
 
 @overload(dot_group)

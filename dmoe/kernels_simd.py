@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "q4_0_isums", "q8_0_isums", "scale_add"]
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "q4_0_isums", "q8_0_isums", "scale_add", "float_rows_dot"]
 
 ISA_GENERIC, ISA_AVX2 = 0, 1
 _HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
@@ -258,3 +258,45 @@ def scale_add(typingctx, acc, i, p, sums, offset, w, widx, dx):
         return context.get_dummy_value()
 
     return types.void(acc, i, p, sums, offset, w, widx, dx), codegen
+
+
+@intrinsic
+def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
+    """acc[aidx : + L] += sum over c of w[widx + (c, 0) : + L] * x[xidx + c] for the float layouts
+    [..., cols, L] (L = lanes, a literal: the rows, as vector lanes): f32, f16 bits (uint16) or bf16
+    bits (int16) weights, converted to f32 in registers, where the L running sums also stay across
+    the columns; c runs over w's second-to-last axis from widx. Portable IR."""
+    if not (_index_ok(w, widx) and _index_ok(x, xidx) and _index_ok(acc, aidx) and acc.dtype == types.float32):
+        return None
+    if w.dtype not in (types.float32, types.uint16, types.int16) or not isinstance(lanes, types.IntegerLiteral):
+        return None
+    n = lanes.literal_value
+
+    def codegen(context, builder, sig, args):
+        w_v, widx_v, x_v, xidx_v, acc_v, aidx_v, _ = args
+        f32s = ir.VectorType(ir.FloatType(), n)
+        wptr = _ptr(context, builder, sig.args[0], w_v, sig.args[1], widx_v)
+        xptr = builder.bitcast(
+            _ptr(context, builder, sig.args[2], x_v, sig.args[3], xidx_v), ir.FloatType().as_pointer()
+        )
+        aptr = builder.bitcast(_ptr(context, builder, sig.args[4], acc_v, sig.args[5], aidx_v), f32s.as_pointer())
+        n_cols = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, w_v).shape)[-2]
+        first = context.cast(builder, cgutils.unpack_tuple(builder, widx_v)[-2], sig.args[1][-2], types.intp)
+        elem = context.get_value_type(w.dtype)
+        row_ptr = builder.bitcast(wptr, ir.VectorType(elem, n).as_pointer())
+        total = cgutils.alloca_once_value(builder, ir.Constant(f32s, None))  # promoted to registers
+        with cgutils.for_range(builder, builder.sub(n_cols, first)) as loop:
+            raw = builder.load(builder.gep(row_ptr, [loop.index]), align=1)
+            if w.dtype == types.uint16:
+                vals = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), f32s)
+            elif w.dtype == types.int16:
+                wide = builder.zext(builder.bitcast(raw, ir.VectorType(_I16, n)), ir.VectorType(_I32, n))
+                vals = builder.bitcast(builder.shl(wide, _const_vec(_I32, 16, n)), f32s)
+            else:
+                vals = raw
+            xv = _splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)  # x is float32
+            builder.store(builder.fadd(builder.load(total), builder.fmul(vals, xv)), total)
+        builder.store(builder.fadd(builder.load(aptr, align=1), builder.load(total)), aptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, widx, x, xidx, acc, aidx, lanes), codegen
