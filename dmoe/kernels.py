@@ -13,6 +13,8 @@ S = T * k routed (token, expert) slots.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
@@ -277,3 +279,16 @@ def _moe_scratch(n_exp: int, ffp: int, n_slots: int) -> dict[str, np.ndarray]:
         }
 
     return _cached(("moe", n_exp, ffp, n_slots), make)
+
+
+def _drop_stale_caches() -> None:
+    """numba's on-disk cache checks only the file that defines a jitted function, but the drivers here
+    compile in code from the sibling kernels_*.py files: after one of those changes, start afresh."""
+    newest = max(p.stat().st_mtime for p in Path(__file__).parent.glob("kernels_*.py"))
+    for driver in (_matmul, _moe):
+        index = Path(getattr(driver._cache._cache_file, "_index_path", ""))  # numba internals, checked
+        if index.is_file() and index.stat().st_mtime < newest:
+            driver._cache.flush()
+
+
+_drop_stale_caches()
