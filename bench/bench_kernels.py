@@ -8,7 +8,18 @@ Prefill: the same work for T tokens (the output matrix for the last token only),
 layers that each hold all 128 experts (a prompt of 64 tokens touches almost all of them), scaled to
 48 layers.
 
-Run: python bench/bench_kernels.py [--layers 48] [--prefill-layers 4] [--threads 1 2]
+Run: python bench/bench_kernels.py [--layers 48] [--prefill-layers 4] [--threads 1 2] [--rounds 5]
+
+Measured on the 2-core dev box (AMD EPYC, AVX2, 24 GB; shared with other users, so taken in a quiet
+minute, best of 3 interleaved rounds; llama.cpp's figures from /work/shared/PEERS.md):
+
+| work (full-size Qwen3-30B-A3B, Q4_0)  | 1 thread           | 2 threads           | llama.cpp 2 threads |
+|---------------------------------------|--------------------|---------------------|---------------------|
+| decode, 1.704 GB of weights per token | 15.5 GB/s, 9.1 tok/s | 25.7 GB/s, 15.1 tok/s | 7.27 tok/s        |
+| prefill T=64                          | 19.4 tok/s         | 37.4 tok/s          | 22.4 tok/s          |
+| prefill T=512                         | 20.4 tok/s         | 40.5 tok/s          |                     |
+| tiny matvec (Python + launch, omp)    | 3.7 us             | 4.2 us              |                     |
+| repack (incl. first touch of memory)  | 0.82 s/GB          |                     |                     |
 """
 
 from __future__ import annotations
