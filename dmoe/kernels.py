@@ -13,6 +13,7 @@ S = T * k routed (token, expert) slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ class Weight(ExpertWeights):
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
-        _matmul(self.data, x, *_q8_buffers(x.shape, self.quantised, "x"), _iota(x.shape[0]), out, _isa)
+        _matmul(self.data, x, *_X.get(x.shape[0], x.shape[1] // QK), out, _isa)
 
 
 def pack_weight(parts: list[np.ndarray], qtype: QT, cols: int) -> Weight:
@@ -138,14 +139,11 @@ def moe_forward(
     and applied to all of its tokens (one matrix x matrix product per active expert)."""
     if gate.quantised != up.quantised:
         raise ValueError("gate and up weights must both be quantised or both float")
-    n_tok, k = ids.shape
-    s = _moe_scratch(gate.n_experts, gate.data.shape[1] * R, n_tok * k)
-    _moe(
-        gate.data, up.data, down.data, down.cols,
-        h, *_q8_buffers(h.shape, gate.quantised, "moe_h"), ids, weights, out,
-        s["act"], *_q8_buffers(s["act"].shape, down.quantised, "moe_act"),
-        s["offsets"], s["fill"], s["slot_tok"], s["slot_w"], s["items"], _iota(n_tok * k), _isa, get_num_threads(),
-    )  # fmt: skip
+    n_exp, n_slots, n_groups = gate.n_experts, ids.size, gate.data.shape[1]
+    route = _ROUTE.get(n_exp, n_slots, _max_items(n_exp, n_slots, n_groups))
+    act = _ACT.get(n_slots, n_groups * R)
+    h_q8 = _H.get(h.shape[0], h.shape[1] // QK)
+    _moe(gate.data, up.data, down.data, down.cols, h, *h_q8, ids, weights, out, *act, *route, _isa, get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +152,7 @@ def moe_forward(
 
 @njit(parallel=True, cache=True)
 def _matmul(w, x, xq, xd, xs, iota, out, isa):
-    """out[t, :] = W[0] @ x[t]; xq, xd, xs: buffers for x's Q8_0 form."""
+    """out[t, :] = W[0] @ x[t]. xq, xd, xs: room for x's Q8_0 form; iota: 0, 1, 2, ..."""
     act, n_tok = (x, xq, xd, xs), x.shape[0]
     for t in range(n_tok):
         prepare(w, act, t, 0, x.shape[1])
@@ -172,10 +170,11 @@ def _matmul(w, x, xq, xd, xs, iota, out, isa):
 
 
 @njit(parallel=True, cache=True)
-def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, offsets, fill, slot_tok, slot_w, items,
-         iota, isa, n_threads):  # fmt: skip
-    """See moe_forward. h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order),
-    each with buffers for its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges."""
+def _moe(gw, uw, dw, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
+         offsets, fill, slot_tok, slot_w, items, isa, n_threads):  # fmt: skip
+    """See moe_forward; the scratch (_q8_rows, _moe_act, _moe_route) may be larger than needed.
+    h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order), each with room for
+    its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges; items: phase A's work list."""
     hact, aact = (h, hq, hd, hs), (act, aq, ad, as_)
     n_tok, k = ids.shape
     n_exp, g_ff = gw.shape[0], gw.shape[1]
@@ -190,7 +189,7 @@ def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, off
                 offsets[ids[t, j] + 1] += 1
     for e in range(n_exp):
         offsets[e + 1] += offsets[e]
-    fill[:] = offsets[:n_exp]
+    fill[:n_exp] = offsets[:n_exp]
     for t in range(n_tok):
         for j in range(k):
             e = ids[t, j]
@@ -242,43 +241,56 @@ def _moe(gw, uw, dw, ff, h, hq, hd, hs, ids, weights, out, act, aq, ad, as_, off
 
 
 # ---------------------------------------------------------------------------------------------
-# Scratch: allocated once per size and reused, so the decode loop allocates nothing.
-
-_scratch: dict[tuple, object] = {}
-
-
-def _cached(key: tuple, make):  # noqa: ANN001, ANN202 - a tiny memo
-    buf = _scratch.get(key)
-    if buf is None:
-        buf = _scratch[key] = make()
-    return buf
+# Scratch: buffers kept across calls and remade larger when a call needs more. The drivers accept
+# buffers with room to spare, so a decode step neither allocates nor slices, and memory stays bounded
+# by the largest call (not one set per prompt length).
 
 
-def _iota(n: int) -> np.ndarray:
-    return _cached(("iota", n), lambda: np.arange(n, dtype=np.int32))
+class _Grown:
+    """The buffers make(*dims) returns, remade when a call's dims exceed the largest seen so far."""
+
+    def __init__(self, make: Callable[..., tuple[np.ndarray, ...]]) -> None:
+        self.make = make
+        self.dims: tuple[int, ...] = ()
+        self.capacity: tuple[int, ...] = ()
+        self.buffers: tuple[np.ndarray, ...] = ()
+
+    def get(self, *dims: int) -> tuple[np.ndarray, ...]:
+        if dims != self.dims:
+            if not self.capacity or any(d > c for d, c in zip(dims, self.capacity, strict=True)):
+                self.capacity = tuple(map(max, dims, self.capacity or dims))
+                self.buffers = self.make(*self.capacity)
+            self.dims = dims
+        return self.buffers
 
 
-def _q8_buffers(shape: tuple[int, int], quantised: bool, role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(xq, xd, xs) for the Q8_0 form of an activation [n, cols] (empty when the weights are float); one
-    set per role and size, so that the two activations of moe_forward never share one."""
-    n, nb = shape[0], shape[1] // QK if quantised else 0
-    return _cached((role, n, nb), lambda: (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32),
-                                           np.zeros((n, nb), np.int16)))  # fmt: skip
+def _q8_rows(n: int, nb: int) -> tuple[np.ndarray, ...]:
+    """Room for the Q8_0 form of n activation rows of nb blocks (xq, xd, xs), and iota [n]."""
+    return np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32), np.zeros((n, nb), np.int16), np.arange(n)
 
 
-def _moe_scratch(n_exp: int, ffp: int, n_slots: int) -> dict[str, np.ndarray]:
-    def make() -> dict[str, np.ndarray]:
-        max_items = (n_slots // TT + min(n_exp, n_slots) + 1) * (ffp // R)
-        return {
-            "act": np.zeros((n_slots, ffp), np.float32),  # [S, ffp] silu(gate) * up, slots in expert order
-            "offsets": np.zeros(n_exp + 1, np.int64),  # [E+1] first slot of each expert
-            "fill": np.zeros(n_exp, np.int64),  # [E]
-            "slot_tok": np.zeros(n_slots, np.int32),  # [S] token of each slot
-            "slot_w": np.zeros(n_slots, np.float32),  # [S] router weight of each slot
-            "items": np.zeros((max_items, 3), np.int64),  # phase A work: (expert, row group, first slot)
-        }
+def _moe_act(n_slots: int, ffp: int) -> tuple[np.ndarray, ...]:
+    """The intermediate activation [S, ffp] (silu(gate) * up, slots in expert order) and its Q8_0 form."""
+    return np.zeros((n_slots, ffp), np.float32), *_q8_rows(n_slots, ffp // QK)
 
-    return _cached(("moe", n_exp, ffp, n_slots), make)
+
+def _max_items(n_exp: int, n_slots: int, n_groups: int) -> int:
+    """Bound on phase A's work items: sum over experts of ceil(slots / TT) row-group tiles."""
+    return (n_slots // TT + min(n_exp, n_slots) + 1) * n_groups
+
+
+def _moe_route(n_exp: int, n_slots: int, n_items: int) -> tuple[np.ndarray, ...]:
+    return (
+        np.zeros(n_exp + 1, np.int64),  # offsets [E+1]: first slot of each expert
+        np.zeros(n_exp, np.int64),  # fill [E]
+        np.zeros(n_slots, np.int32),  # slot_tok [S]: token of each slot
+        np.zeros(n_slots, np.float32),  # slot_w [S]: router weight of each slot
+        np.zeros((n_items, 3), np.int64),  # items: phase A's work, (expert, row group, first slot)
+    )
+
+
+_X, _H = _Grown(_q8_rows), _Grown(_q8_rows)  # a Weight's input, moe_forward's h
+_ACT, _ROUTE = _Grown(_moe_act), _Grown(_moe_route)
 
 
 def _drop_stale_caches() -> None:
