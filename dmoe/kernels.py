@@ -21,8 +21,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
 
 from .kernels_formats import QK, QUANT_LAYOUT, R, dot_group, prepare, repack_float, repack_quant
-from .kernels_llvm import stack_array
-from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC
+from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, stack_array
 
 __all__ = [
     "Weight",

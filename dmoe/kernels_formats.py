@@ -28,10 +28,13 @@ activation is passed as `act = (xf, xq, xd, xs)` whatever the format; the generi
 dispatch on the weight array's dtype (`numba.extending.overload`), so the drivers are written once.
 
 Error of the Q8_0 activation. Each activation is rounded to the nearest multiple of its block's
-d = max|x| / 127, an error of at most d / 2; a weight row's dot therefore errs by at most
-sum over blocks of (sum |w| in the block) * max|x in the block| / 254, about 0.4% of sum |w x|
-in the worst case and ~0.1% of |w . x| in RMS on random data. F32/F16/BF16 weights use the f32
-activation: exact up to float32 summation.
+d = max|x| / 127, an error of at most d / 2 (RMS d / sqrt(12)); a weight row's dot therefore errs by
+at most sum over blocks of (sum |w| in the block) * max|x in the block| / 254. Measured on random
+weights and Gaussian activations (d = 2048): 0.53% RMS relative error of a matvec, the largest
+error 6-7% of that worst case; 1.2% RMS through the MoE block, which rounds twice. Against a twin
+that rounds the activations the same way, the quantised kernels are exact to f32 noise (~1e-7),
+with either micro-kernel lowering. F32/F16/BF16 weights use the f32 activation: exact up to float32
+summation (measured 8e-7 RMS relative, 2e-7 of sum |w x| at most).
 """
 
 from __future__ import annotations

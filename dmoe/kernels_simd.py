@@ -1,8 +1,10 @@
-"""The quantised formats' inner loops, written as LLVM IR through numba intrinsics: the integer
-block-dot micro-kernels (`q4_0_isums`, `q8_0_isums`), which return a `Vec` (an LLVM vector, kept in
-registers) of per-row sums, and `scale_add`, which scales such sums into an f32 accumulator tile.
+"""The weight kernels' inner loops, written as LLVM IR through numba intrinsics: the integer
+block-dot micro-kernels of the quantised formats (`q4_0_isums`, `q8_0_isums`), which return a `Vec`
+(an LLVM vector, kept in registers) of per-row sums; `scale_add`, which scales such sums into an f32
+accumulator tile; `float_rows_dot` for the float formats; and `stack_array`, per-thread scratch.
 Written by hand because numba's auto-vectoriser, given the same loops, vectorises along a row (one
-horizontal sum per block) or spills the accumulators; here every vector lane is one weight row.
+horizontal sum per block), spills the accumulators, or (f32) does not vectorise at all: 5-20x
+slower. Here every vector lane is one weight row of the interleaved layouts (kernels_formats.py).
 
 Everything is target-independent LLVM IR (LLVM lowers it to AVX2, SSE, NEON or scalars) except in
 the micro-kernels, which have two lowerings chosen by their run-time `isa` argument: ISA_AVX2 uses
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
+from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "q4_0_isums", "q8_0_isums", "scale_add", "float_rows_dot"]
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums", "scale_add",
+           "float_rows_dot"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2 = 0, 1
 _HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
@@ -156,11 +160,36 @@ def _by_isa(context, builder, isa, emit):  # noqa: ANN001, ANN202
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-thread scratch on the stack.
+
+
+@intrinsic
+def _stack_ptr(typingctx, n, dtype):
+    """Pointer to `n` (a compile-time constant) uninitialised elements in the function's stack frame."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    elem = dtype.dtype
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(elem), size=n.literal_value)
+
+    return types.CPointer(elem)(n, dtype), codegen
+
+
+@njit(inline="always")
+def stack_array(n, dtype, shape):  # pragma: no cover - inlined into kernels
+    """An uninitialised array of `shape` (n elements in all, n a literal) on the stack: per-thread
+    scratch inside a `prange` body that costs no allocation (the alloca sits in the outlined
+    function's entry block, so a loop reuses it)."""
+    return carray(_stack_ptr(n, dtype), shape)
+
+
+# ---------------------------------------------------------------------------------------------
 # Block-dot micro-kernels: one 32-weight block of a panel of rows times the Q8_0 blocks of n tokens.
 # `w[widx]` is the first byte of the panel-block's payload; `xq[xrows[u], b]` the token's block.
 
 
-def _block_dot_intrinsic(payload: int, emit_one):  # noqa: ANN001, ANN202
+def _block_dot_intrinsic(payload: Vec, emit_one):  # noqa: ANN001, ANN202
     """An intrinsic (isa, w, widx, xq, xrows, b) -> UniTuple(Vec, len(xrows)) whose codegen runs
     emit_one(builder, avx2, wptr, xptrs) -> list of per-token vectors."""
 
@@ -266,9 +295,14 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
     [..., cols, L] (L = lanes, a literal: the rows, as vector lanes): f32, f16 bits (uint16) or bf16
     bits (int16) weights, converted to f32 in registers, where the L running sums also stay across
     the columns; c runs over w's second-to-last axis from widx. Portable IR."""
-    if not (_index_ok(w, widx) and _index_ok(x, xidx) and _index_ok(acc, aidx) and acc.dtype == types.float32):
+    if not (_index_ok(w, widx) and _index_ok(x, xidx) and _index_ok(acc, aidx)):
         return None
-    if w.dtype not in (types.float32, types.uint16, types.int16) or not isinstance(lanes, types.IntegerLiteral):
+    if (
+        x.dtype != types.float32
+        or acc.dtype != types.float32
+        or w.dtype not in (types.float32, types.uint16, types.int16)
+        or not isinstance(lanes, types.IntegerLiteral)
+    ):
         return None
     n = lanes.literal_value
 
@@ -294,7 +328,7 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
                 vals = builder.bitcast(builder.shl(wide, _const_vec(_I32, 16, n)), f32s)
             else:
                 vals = raw
-            xv = _splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)  # x is float32
+            xv = _splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)
             builder.store(builder.fadd(builder.load(total), builder.fmul(vals, xv)), total)
         builder.store(builder.fadd(builder.load(aptr, align=1), builder.load(total)), aptr, align=1)
         return context.get_dummy_value()
