@@ -175,17 +175,20 @@ def test_rejects_bad_shapes() -> None:
 
 
 def test_moe_forward_same_with_any_thread_count() -> None:
-    """Threads split the output rows; no row's sum may depend on how many there are."""
+    """Threads split the output rows; no row's sum may depend on how many there are. (Also: ids and
+    weights as strided views of one routing array, as the engine passes them.)"""
     rng = np.random.default_rng(3)
     raws = [make_raw(rng.standard_normal(s) * 0.3, QT.Q4_0) for s in ((4, 96, 160), (4, 96, 160), (4, 160, 96))]
     gate, up, down = (pack_experts(r, QT.Q4_0, c) for r, c in zip(raws, (160, 160, 96), strict=True))
     h = rng.standard_normal((5, 160)).astype(np.float32)
-    ids = np.array([[0, 1], [2, 3], [1, -1], [3, 0], [-1, 2]], np.int32)
-    weights = rng.random((5, 2)).astype(np.float32)
+    routing = np.zeros((5, 4), np.float32)  # [T, 2k]: ids (as int32 bits), then weights
+    routing[:, :2].view(np.int32)[:] = [[0, 1], [2, 3], [1, -1], [3, 0], [-1, 2]]
+    routing[:, 2:] = rng.random((5, 2))
     outs = []
     for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(n)
         outs.append(np.zeros((5, 160), np.float32))
-        moe_forward(gate, up, down, h, ids, weights, outs[-1])
+        moe_forward(gate, up, down, h, routing[:, :2].view(np.int32), routing[:, 2:], outs[-1])
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_array_equal(outs[0], outs[-1])
+    check_moe(outs[0], raws, QT.Q4_0, h, routing[:, :2].view(np.int32), routing[:, 2:])
