@@ -84,8 +84,7 @@ class Layer:
             ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, routing[:, :k].view(np.int32), routing[:, k:])
         comm.bcast(routing)
         local = st.local_ids[:T]
-        np.subtract(routing[:, :k].view(np.int32), self.expert_offset, out=local)
-        local[(local < 0) | (local >= self.n_local_experts)] = -1
+        ops.local_expert_ids(routing[:, :k].view(np.int32), self.expert_offset, self.n_local_experts, local)
         if w.gate is not None:
             moe_forward(w.gate, w.up, w.down, h, local, routing[:, k:], y)
         else:

@@ -146,3 +146,12 @@ def route(logits: np.ndarray, k: int, normalize: bool, ids: np.ndarray, weights:
         if normalize:
             for j in range(k):
                 weights[t, j] /= s
+
+
+@numba.njit(cache=True)
+def local_expert_ids(ids: np.ndarray, first: int, count: int, out: np.ndarray) -> None:
+    """Global expert ids [T, k] -> indices into this rank's experts [first, first + count), -1 elsewhere."""
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j] - first
+            out[t, j] = e if 0 <= e < count else -1
