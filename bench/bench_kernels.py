@@ -10,16 +10,21 @@ layers that each hold all 128 experts (a prompt of 64 tokens touches almost all 
 
 Run: python bench/bench_kernels.py [--layers 48] [--prefill-layers 4] [--threads 1 2] [--rounds 5]
 
-Measured on the 2-core dev box (AMD EPYC, AVX2, 24 GB; shared with other users, so taken in a quiet
-minute, best of 3 interleaved rounds; llama.cpp's figures from /work/shared/PEERS.md):
+Measured on the 2-core dev box (AMD EPYC, AVX2, 24 GB), which other users share: each figure is the
+range of the best-of-rounds results over several quiet minutes (llama.cpp: /work/shared/PEERS.md).
 
-| work (full-size Qwen3-30B-A3B, Q4_0)  | 1 thread           | 2 threads           | llama.cpp 2 threads |
-|---------------------------------------|--------------------|---------------------|---------------------|
-| decode, 1.704 GB of weights per token | 15.5 GB/s, 9.1 tok/s | 25.7 GB/s, 15.1 tok/s | 7.27 tok/s        |
-| prefill T=64                          | 19.4 tok/s         | 37.4 tok/s          | 22.4 tok/s          |
-| prefill T=512                         | 20.4 tok/s         | 40.5 tok/s          |                     |
-| tiny matvec (Python + launch, omp)    | 3.7 us             | 4.2 us              |                     |
-| repack (incl. first touch of memory)  | 0.82 s/GB          |                     |                     |
+| full-size Qwen3-30B-A3B, Q4_0   | 1 thread                 | 2 threads                  | llama.cpp 2 thr |
+|---------------------------------|--------------------------|----------------------------|-----------------|
+| decode, 1.704 GB/token: GB/s    | 14.4-15.7                | 22.6-25.7                  |                 |
+| decode: tok/s                   | 8.4-9.2                  | 13.3-15.1                  | 7.27            |
+| prefill T = 64: tok/s           | 18.6-19.4                | 32.4-37.4                  | 22.4            |
+| prefill T = 512: tok/s          | 19.0-20.4                | 35.0-40.5                  |                 |
+| tiny matvec, Python + launch    | 3.0-4.3 us               | 3.5-4.2 us                 |                 |
+| repack (with first touch)       | 0.8-1.1 s/GB; the copy alone 0.4-0.5 s/GB             |                 |
+
+Parts of a decode step, 2 threads: q/k/v 23 GB/s, o 27 GB/s, moe_forward 27 GB/s, output 35 GB/s.
+Compiling (first run, empty numba cache), per weight format: 8 s for matvec/matmul, 12 s for
+moe_forward, 1 s for the repack; 0.6 s to load them from the cache afterwards.
 """
 
 from __future__ import annotations
