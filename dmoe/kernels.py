@@ -2,10 +2,15 @@
 F32, F16 and BF16 weights. This is the hot path of decoding.
 
 Weights arrive as raw bytes (zero-copy views of the mapped model file) and are repacked once at
-load into groups of R interleaved rows (see kernels_formats.py for the layout and the error of the
-Q8_0 activation used with quantised weights). The drivers here are written once for every format:
-the per-format pieces (`prepare`, `dot_group`) are chosen by numba at compile time from the weight
-array's dtype.
+load, by a parallel numba kernel, into groups of R = 32 interleaved rows (kernels_formats.py: the
+layouts, and the error of the Q8_0 activation used with quantised weights). The drivers here are
+written once for every format: the per-format pieces (`prepare`, `dot_group`) are chosen by numba at
+compile time from the weight array's dtype; their inner loops are LLVM IR (kernels_simd.py), with an
+AVX2 and a portable lowering of the quantised micro-kernels picked at run time (`set_isa`).
+
+Each driver is one numba call with one parallel region per phase (`prange`, threads from
+numba.set_num_threads). Scratch lives in module-level buffers reused across calls: the kernels are
+meant for one compute thread per process (MPI ranks are processes).
 
 Shapes: T tokens, k experts per token, d hidden, ff expert FFN width, E local experts,
 S = T * k routed (token, expert) slots.
