@@ -192,3 +192,15 @@ def test_moe_forward_same_with_any_thread_count() -> None:
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_array_equal(outs[0], outs[-1])
     check_moe(outs[0], raws, QT.Q4_0, h, routing[:, :2].view(np.int32), routing[:, 2:])
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16])
+def test_float_weights_take_any_width(qtype: QT) -> None:
+    """Float rows need no blocks: 45 columns, 7 rows."""
+    rng = np.random.default_rng(4)
+    raw = make_raw(rng.standard_normal((7, 45)), qtype)
+    w = pack_weight([raw], qtype, 45)
+    x = rng.standard_normal((3, 45)).astype(np.float32)
+    out = np.zeros((3, 7), np.float32)
+    w.matmul(x, out)
+    check_matmul(out, twin(raw, qtype), x, qtype)
