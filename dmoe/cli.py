@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16)")
         sp.add_argument("--moe-split", choices=["ffn", "experts"], default="ffn",
                         help="how ranks share the experts: a slice of every expert (ffn, default) or whole experts")
+        sp.add_argument("--pack-cache", default=os.environ.get("DMOE_PACK_CACHE", "auto"),
+                        help="directory that keeps the weights as the kernels lay them out, so later starts skip "
+                        "repacking (default: ~/.cache/dmoe, or $DMOE_PACK_CACHE); 'off' for none")
         sp.add_argument("--verbose", action="store_true", help="print per-phase timings")
 
     def sampling_args(sp: argparse.ArgumentParser) -> None:
@@ -192,14 +195,19 @@ def _load(args: argparse.Namespace, comm: Any) -> Any:
     from dmoe.engine import Engine
 
     t0 = time.perf_counter()
+    from dmoe.packcache import default_dir
+
+    cache = {"off": None, "auto": default_dir()}.get(args.pack_cache, args.pack_cache)
     engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
-                         moe_split=args.moe_split, comm=comm, progress=comm.rank == 0 and sys.stderr.isatty())
+                         moe_split=args.moe_split, comm=comm, progress=comm.rank == 0 and sys.stderr.isatty(),
+                         pack_cache=cache)
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
               f"(top-{cfg.num_experts_per_tok}), {comm.size} rank(s) x {engine.nthreads} thread(s); KV cache "
               f"{engine.kv_bytes / 2**20:.0f} MB ({args.kv_type}, {engine.max_seq_len} tokens)"
-              + (f"; loaded in {time.perf_counter() - t0:.1f} s" if args.verbose else ""), file=sys.stderr)
+              + (f"; loaded in {time.perf_counter() - t0:.1f} s" if args.verbose else "")
+              + (" from the pack cache" if args.verbose and engine.pack_cache_hit else ""), file=sys.stderr)
     return engine
 
 

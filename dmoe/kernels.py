@@ -68,21 +68,30 @@ def set_isa(isa: int) -> None:
 class ExpertWeights:
     """E matrices [rows, cols] repacked for the kernels (E = 1 for a plain `Weight`)."""
 
-    def __init__(self, n_experts: int, rows: int, cols: int, qtype: QT) -> None:
+    def __init__(self, n_experts: int, rows: int, cols: int, qtype: QT, data: np.ndarray | None = None) -> None:
+        """data: an already packed array of exactly this layout (e.g. mapped from a pack cache), used as is."""
         self.n_experts, self.rows, self.cols, self.qtype = n_experts, rows, cols, QT(qtype)
-        groups = -(-rows // R)
-        if self.qtype in _QUANT:
-            if cols % QK:
-                raise ValueError(f"{self.qtype.name} weights need cols divisible by {QK}, got {cols}")
-            dtype, _, panels, _ = _QUANT[self.qtype]  # the dtype tells the kernels the format
-            header = 2 * R // panels  # the panel's f16 scales
-            # [E, G, panels, nb, header + 256]
-            self.data = np.zeros((n_experts, groups, panels, cols // QK, header + 256), dtype)
-        elif self.qtype in _FLOAT:
-            self.data = np.zeros((n_experts, groups, cols, R), _FLOAT[self.qtype][0])  # [E, G, cols, R]
-        else:
-            raise ValueError(f"unsupported weight type {self.qtype.name}")
+        shape, dtype = self.layout(n_experts, rows, cols, self.qtype)
+        if data is None:
+            data = np.zeros(shape, dtype)
+        elif data.shape != shape or data.dtype != dtype:
+            raise ValueError(f"packed {self.qtype.name} data must be {dtype} {shape}, got {data.dtype} {data.shape}")
+        self.data = data
         self.quantised = self.qtype in _QUANT
+
+    @staticmethod
+    def layout(n_experts: int, rows: int, cols: int, qtype: QT) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of the packed array of E matrices [rows, cols]."""
+        groups = -(-rows // R)
+        if qtype in _QUANT:
+            if cols % QK:
+                raise ValueError(f"{qtype.name} weights need cols divisible by {QK}, got {cols}")
+            dtype, _, panels, _ = _QUANT[qtype]  # the dtype tells the kernels the format
+            header = 2 * R // panels  # the panel's f16 scales
+            return (n_experts, groups, panels, cols // QK, header + 256), dtype  # [E, G, panels, nb, header + 256]
+        if qtype in _FLOAT:
+            return (n_experts, groups, cols, R), np.dtype(_FLOAT[qtype][0])  # [E, G, cols, R]
+        raise ValueError(f"unsupported weight type {qtype.name}")
 
     def row_bytes(self) -> int:
         """Bytes of one row in ggml's layout."""
@@ -106,8 +115,8 @@ class ExpertWeights:
 class Weight(ExpertWeights):
     """One matrix [rows, cols]: out = W @ x."""
 
-    def __init__(self, rows: int, cols: int, qtype: QT) -> None:
-        super().__init__(1, rows, cols, qtype)
+    def __init__(self, rows: int, cols: int, qtype: QT, data: np.ndarray | None = None) -> None:
+        super().__init__(1, rows, cols, qtype, data)
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[cols] -> out f32[rows] (overwritten)."""
@@ -162,7 +171,7 @@ def moe_forward(
 # Drivers (one prange each, so one parallel launch per phase).
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _matmul(w, x, xq, xd, xs, iota, out, isa):
     """out[t, :] = W[0] @ x[t]. xq, xd, xs: room for x's Q8_0 form; iota: 0, 1, 2, ..."""
     act, n_tok = (x, xq, xd, xs), x.shape[0]
@@ -181,7 +190,7 @@ def _matmul(w, x, xq, xd, xs, iota, out, isa):
                 out[t0 + i, g * R + r] = acc[i, r]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _moe(gw, uw, dw, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
          offsets, fill, slot_tok, slot_w, items, isa, n_threads):  # fmt: skip
     """See moe_forward; the scratch (_q8_rows, _moe_act, _moe_route) may be larger than needed.

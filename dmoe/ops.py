@@ -86,7 +86,7 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
         cache[:, pos:pos + T] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def attention(q: np.ndarray, kv_of_head: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
               table: np.ndarray, scores: np.ndarray, out: np.ndarray) -> None:
     """Causal GQA attention. q [T, H*D]; query head h reads KV head kv_of_head[h]; token t (at position

@@ -15,8 +15,9 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from dmoe import quant
-from dmoe.kernels import ExpertWeights, Weight, pack_experts, pack_weight
+from dmoe.kernels import ExpertWeights, Weight
 from dmoe.modelfile import ModelFile
+from dmoe.packcache import PackStore
 from dmoe.plan import RankShard
 
 
@@ -56,23 +57,24 @@ def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tup
     return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32
 
 
-def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, progress: bool = False) -> ModelWeights:
-    """Pack this rank's shard of every layer."""
+def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, store: PackStore, progress: bool = False
+                 ) -> ModelWeights:
+    """Pack this rank's shard of every layer (or map it from the pack cache)."""
     cfg = mf.config
     D = cfg.head_dim
-    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D)
+    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D, store)
               for i in tqdm(range(cfg.num_hidden_layers), desc="loading", unit="layer", disable=not progress)]
     out_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
     v0, v1 = shard.vocab
     t = mf.tensors[out_name]
-    output = pack_weight([mf.raw(out_name)[v0:v1]], t.qtype, cfg.hidden_size) if v1 > v0 else None
+    output = store.weight([mf.raw(out_name)[v0:v1]], t.qtype, cfg.hidden_size) if v1 > v0 else None
     if not cfg.tie_word_embeddings:
         mf.release(out_name)
     return ModelWeights(layers, mf.dequantize("output_norm.weight"), output, mf.raw("token_embd.weight"),
                         mf.tensors["token_embd.weight"].qtype)
 
 
-def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int) -> LayerWeights:
+def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, store: PackStore) -> LayerWeights:
     cfg = mf.config
     d = cfg.hidden_size
     qkv = o = router = gate = up = down = None
@@ -82,23 +84,23 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int) 
                  mf.raw(b + "attn_v.weight")[ka * D:kb * D]]
         types = {mf.tensors[b + n].qtype for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")}
         if len(types) == 1:
-            qkv = pack_weight(parts, types.pop(), d)
+            qkv = store.weight(parts, types.pop(), d)
         else:  # mixed types (files from elsewhere): unify as F32
             f32 = [quant.dequantize(p, mf.tensors[b + n].qtype, d).view(np.uint8)
                    for p, n in zip(parts, ("attn_q.weight", "attn_k.weight", "attn_v.weight"), strict=True)]
-            qkv = pack_weight(f32, QT.F32, d)
+            qkv = store.weight(f32, QT.F32, d)
         t = mf.tensors[b + "attn_output.weight"]
         raw, qt = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
-        o = pack_weight([raw], qt, (qb - qa) * D)
+        o = store.weight([raw], qt, (qb - qa) * D)
     if is_root:
-        router = pack_weight([mf.raw(b + "ffn_gate_inp.weight")], mf.tensors[b + "ffn_gate_inp.weight"].qtype, d)
+        router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], mf.tensors[b + "ffn_gate_inp.weight"].qtype, d)
     (e0, e1), (f0, f1) = shard.experts, shard.ffn
     if e1 > e0 and f1 > f0:
-        gate, up = (pack_experts(mf.raw(b + n)[e0:e1, f0:f1], mf.tensors[b + n].qtype, d)
+        gate, up = (store.experts(mf.raw(b + n)[e0:e1, f0:f1], mf.tensors[b + n].qtype, d)
                     for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
         t = mf.tensors[b + "ffn_down_exps.weight"]
         raw, qt = column_slice(mf.raw(b + "ffn_down_exps.weight")[e0:e1], t.qtype, cfg.moe_intermediate_size, f0, f1)
-        down = pack_experts(raw, qt, f1 - f0)
+        down = store.experts(raw, qt, f1 - f0)
     for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
         mf.release(f"{b}{n}.weight")
     return LayerWeights(

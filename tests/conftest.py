@@ -14,6 +14,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from hf_models import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pack_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """launch.py keeps a pack cache under ~/.cache by default: the tests' runs keep theirs in a temp dir."""
+    os.environ["DMOE_PACK_CACHE"] = str(tmp_path_factory.mktemp("pack-cache"))
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
     """hf_checkpoint(name) -> directory of the random checkpoint of tests/hf_models.CONFIGS[name]."""
