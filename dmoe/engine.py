@@ -26,7 +26,7 @@ from dmoe.plan import ShardPlan
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
 
-KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see ops.F16_TO_F32)
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see attention.py)
 _FORWARD, _TRUNCATE, _STOP, _REPORT = 1, 2, 3, 4
 DECODE_CAPACITY = 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmoe import ops
+from dmoe import attention, ops
 from dmoe.comm import LocalComm, MPIComm
 from dmoe.config import ModelConfig
 from dmoe.kernels import moe_forward
@@ -37,9 +37,12 @@ class RunState:
         self.routing = np.zeros((capacity, 2 * k), np.float32)  # [T, 2k]: ids (int32 bits) | weights
         self.local_ids = np.zeros((capacity, k), np.int32)  # [T, k] index into this rank's experts, -1: not here
         self.y = np.zeros((capacity, d), np.float32)  # [T, d] partial MoE output, then summed
-        self.scores = np.zeros((threads, max_seq), np.float32)  # attention scratch per thread
-        self.kv_of_head = np.array([h // (cfg.num_attention_heads // cfg.num_key_value_heads) - shard.kv_heads[0]
-                                    for h in range(*shard.q_heads)], np.int32)  # [H] local KV head of each query head
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        q0 = shard.q_heads[0]
+        self.heads = np.array([[max(q0, kv * group) - q0, min(shard.q_heads[1], (kv + 1) * group) - q0]
+                               for kv in range(*shard.kv_heads)], np.int32).reshape(-1, 2)  # [Hkv, 2] query heads
+        self.scores = np.zeros((threads, group, max_seq), np.float32)  # attention scratch per thread [G, S]
+        self.bits = np.zeros((threads, D), np.uint32)  # a widened f16 cache row per thread
 
 
 class Layer:
@@ -65,8 +68,8 @@ class Layer:
             cos, sin = rope
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, pos)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, pos)
-            ops.store_kv(k, v, self.k_cache, self.v_cache, pos)
-            ops.attention(q, st.kv_of_head, self.k_cache, self.v_cache, pos, ops.F16_TO_F32, st.scores, st.attn[:T])
+            attention.store_kv(k, v, self.k_cache, self.v_cache, pos)
+            attention.attend(q, st.heads, self.k_cache, self.v_cache, pos, st.scores, st.bits, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0

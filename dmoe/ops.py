@@ -1,5 +1,5 @@
-"""numba kernels for the small per-token operations: RMSNorm, RoPE, attention over the KV cache,
-router softmax and top-k. (The weight matrices' kernels, where the time goes, are in kernels.py.)
+"""numba kernels for the small per-token operations: RMSNorm, q/k norm with RoPE, router softmax and
+top-k. (Attention is in attention.py; the weight matrices' kernels, where the time goes, in kernels.py.)
 
 Shapes: T tokens in the step, d hidden, H local query heads, Hkv local KV heads, D head_dim,
 S max sequence length, E experts, k experts per token.
@@ -11,8 +11,6 @@ import math
 
 import numba
 import numpy as np
-from numba.core import types
-from numba.extending import overload
 
 _F1 = np.float32(1.0)
 
@@ -59,68 +57,6 @@ def rope_tables(head_dim: int, theta: float, max_seq: int) -> tuple[np.ndarray, 
     inv_freq = inv_freq.astype(np.float32)
     angles = np.arange(max_seq, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-# The f16 KV cache holds IEEE half bit patterns in uint16 (numba has no float16): stored with
-# numpy's correctly rounded cast, read back through this exact 65536-entry table.
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def _as_f32(v, table):  # type: ignore[no-untyped-def]
-    raise NotImplementedError  # replaced by the overload below inside numba code
-
-
-@overload(_as_f32)
-def _as_f32_impl(v, table):  # type: ignore[no-untyped-def]
-    if isinstance(v, types.Integer):
-        return lambda v, table: table[v]
-    return lambda v, table: np.float32(v)
-
-
-def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> None:
-    """Write the step's K, V [T, Hkv*D] into the caches [Hkv, S, D] at positions pos..pos+T-1."""
-    n_kv, _, D = k_cache.shape
-    T = k.shape[0]
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        vals = src.reshape(T, n_kv, D).transpose(1, 0, 2)
-        cache[:, pos:pos + T] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def attention(q: np.ndarray, kv_of_head: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
-              table: np.ndarray, scores: np.ndarray, out: np.ndarray) -> None:
-    """Causal GQA attention. q [T, H*D]; query head h reads KV head kv_of_head[h]; token t (at position
-    pos+t) sees cache positions 0..pos+t. scores [threads, S] is per-thread scratch; out [T, H*D]."""
-    T = q.shape[0]
-    n_heads = kv_of_head.shape[0]
-    D = k_cache.shape[2]
-    scale = np.float32(1.0 / math.sqrt(D))
-    for th in numba.prange(T * n_heads):
-        t = th // n_heads
-        h = th % n_heads
-        kvh = kv_of_head[h]
-        n = pos + t + 1
-        sc = scores[numba.get_thread_id()]
-        mx = np.float32(-np.inf)
-        for j in range(n):
-            acc = np.float32(0.0)
-            for i in range(D):
-                acc += q[t, h * D + i] * _as_f32(k_cache[kvh, j, i], table)
-            acc *= scale
-            sc[j] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(sc[j] - mx)
-            sc[j] = e
-            total += e
-        inv = _F1 / total
-        for i in range(D):
-            out[t, h * D + i] = 0.0
-        for j in range(n):
-            p = sc[j] * inv
-            for i in range(D):
-                out[t, h * D + i] += p * _as_f32(v_cache[kvh, j, i], table)
 
 
 @numba.njit(cache=True)

@@ -1,0 +1,94 @@
+"""Causal GQA attention over the KV cache, and the cache's storage.
+
+The cache is [Hkv, S, D] per layer, f32 or f16. numba has no float16, so the f16 cache holds IEEE half
+bit patterns in uint16 (written with numpy's correctly rounded cast) and rows are widened in registers
+by bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower).
+Work is split by (token, KV head): each K and V row is read once for the whole group of query heads
+that share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.extending import overload
+
+_TWO112 = np.float32(2.0**112)  # f16 -> f32 exponent rebias; also turns f16 subnormals into exact f32 values
+
+
+def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> None:
+    """Write the step's K, V [T, Hkv*D] into the caches [Hkv, S, D] at positions pos..pos+T-1."""
+    n_kv, _, D = k_cache.shape
+    T = k.shape[0]
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        vals = src.reshape(T, n_kv, D).transpose(1, 0, 2)
+        cache[:, pos:pos + T] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
+
+
+def _row_f32(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # numba code only: see the overload
+
+
+@overload(_row_f32)
+def _row_f32_impl(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
+    """cache[kvh, j] as float32: the row itself (f32 cache) or widened into `bits` (f16 bits in uint16).
+    Finite halves only (a KV cache never holds inf or NaN)."""
+    if isinstance(cache.dtype, types.Integer):
+        def widen(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
+            row = cache[kvh, j]
+            for i in range(row.shape[0]):
+                bits[i] = np.uint32(row[i] & 0x7FFF) << np.uint32(13)
+            f = bits.view(np.float32)
+            for i in range(row.shape[0]):
+                f[i] *= _TWO112 * np.float32(1 - 2 * np.int32(row[i] >> 15))
+            return f
+        return widen
+    return lambda cache, kvh, j, bits: cache[kvh, j]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+           scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
+    """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t (at position pos+t) seeing cache
+    positions 0..pos+t. q [T, H*D]; heads [Hkv, 2]: the query heads [start, stop) reading each KV head;
+    scores [threads, G, S] and bits [threads, D] are per-thread scratch."""
+    T = q.shape[0]
+    n_kv, _, D = k_cache.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    for task in numba.prange(T * n_kv):
+        t, kvh = task // n_kv, task % n_kv
+        h0, h1 = heads[kvh, 0], heads[kvh, 1]
+        n = pos + t + 1
+        tid = numba.get_thread_id()
+        sc, buf = scores[tid], bits[tid]
+        for j in range(n):
+            kr = _row_f32(k_cache, kvh, j, buf)
+            for g in range(h1 - h0):
+                qh = q[t, (h0 + g) * D:(h0 + g + 1) * D]
+                acc = np.float32(0.0)
+                for i in range(D):
+                    acc += qh[i] * kr[i]
+                sc[g, j] = acc * scale
+        for g in range(h1 - h0):
+            mx = np.float32(-np.inf)
+            for j in range(n):
+                mx = max(mx, sc[g, j])
+            total = np.float32(0.0)
+            for j in range(n):
+                e = np.exp(sc[g, j] - mx)
+                sc[g, j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(n):
+                sc[g, j] *= inv
+            out[t, (h0 + g) * D:(h0 + g + 1) * D] = 0.0
+        for j in range(n):
+            vr = _row_f32(v_cache, kvh, j, buf)
+            for g in range(h1 - h0):
+                o = out[t, (h0 + g) * D:(h0 + g + 1) * D]
+                p = sc[g, j]
+                for i in range(D):
+                    o[i] += p * vr[i]
