@@ -205,12 +205,16 @@ class ModelFile:
         return quant.dequantize(self.raw(name), t.qtype, t.shape[-1])
 
     def release(self, name: str) -> None:
-        """Tell the kernel we are done with a tensor's pages (after repacking it), so the mapped copy
-        does not compete with the packed one for memory."""
+        """Tell the kernel we are done with a tensor's pages (after repacking it): unmapped from this process
+        and dropped from the page cache, so the file's copy does not compete with the packed one for memory
+        (clean pages: nothing is lost; another reader just reads them from disk again)."""
         t = self.tensors[name]
         start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
         if hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        if hasattr(os, "posix_fadvise"):
+            with open(self.path, "rb") as f:
+                os.posix_fadvise(f.fileno(), start, t.offset + t.nbytes - start, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # views still alive: the mapping goes when they do

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -57,6 +58,7 @@ class PackStore:
         (model size and time, the shard's exact ranges, the kernels' layout) says whether its content is current."""
         self.mode, self.path, self._entries, self._next = "pack", "", [], 0
         self._out = None
+        self._packed: list[ExpertWeights] = []  # write mode: what to move onto the file once it is complete
         if cache_dir is None or model_path is None:
             return
         st = os.stat(model_path)
@@ -90,6 +92,8 @@ class PackStore:
             f.seek(size - _TAIL.size - n)
             self._entries = json.loads(f.read(n))
         self._map = np.memmap(self.path, np.uint8, mode="c")
+        if hasattr(mmap, "MADV_WILLNEED"):  # start reading it all in now, in the background
+            self._map._mmap.madvise(mmap.MADV_WILLNEED)
         self.mode = "read"
 
     def discard(self) -> None:
@@ -130,6 +134,7 @@ class PackStore:
                 self._out.write(b"\0" * (-self._out.tell() % ALIGN))
                 self._entries.append((self._out.tell(), list(w.data.shape), w.data.dtype.str))
                 w.data.tofile(self._out)
+                self._packed.append(w)
             except OSError as e:
                 self._abandon(f"cannot write the pack cache {self.path}: {e}")
         return w
@@ -139,6 +144,7 @@ class PackStore:
         if self._out is not None:
             self._out.close()
             self._out = None
+        self._packed.clear()
         self._remove(self.path + ".tmp")
         self.mode = "pack"
 
@@ -156,5 +162,9 @@ class PackStore:
             self._out = None
             os.replace(self.path + ".tmp", self.path)
             report(f"saved the packed weights to {self.path} ({size / 1e9:.2f} GB) for faster starts")
+            self._open_for_reading()
+            for w in self._packed:  # one copy in memory: the file's pages replace the freshly packed arrays
+                w.data = self._take(w.n_experts, w.rows, w.cols, w.qtype)
+            self._packed.clear()
         except OSError as e:
             self._abandon(f"cannot write the pack cache {self.path}: {e}")
