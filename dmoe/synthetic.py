@@ -25,8 +25,15 @@ from dmoe.modelwriter import tensor_types, write_model
 
 WEIGHT_STD = 0.02
 CHUNK_BYTES = 64 << 20
-# Per-block scales that give WEIGHT_STD: Q4_0's (q - 8) has std ~4.6, Q8_0's q ~74 (uniform int8).
-_SCALE = {QT.Q4_0: np.float16(WEIGHT_STD / 4.6), QT.Q8_0: np.float16(WEIGHT_STD / 74.0)}
+# Per-block scales that give WEIGHT_STD: Q4_0's (q - 8) has std 4.2, Q8_0's q 73.5 (see _SYMMETRIC).
+_SCALE = {QT.Q4_0: np.float16(WEIGHT_STD / 4.2), QT.Q8_0: np.float16(WEIGHT_STD / 73.5)}
+# Random bytes give weights of mean -0.5 quanta (Q4_0's q - 8 spans -8..7, int8 -128..127). That bias, summed
+# over a row, adds the same value to every output, the residual stream fills with one common direction, and
+# the router then sends every token to the same 8 experts: a benchmark of a model no one has. So the one
+# value without a mirror image is replaced by zero (nibble 0 -> 8, int8 -128 -> 0): zero-mean weights.
+_SYMMETRIC = {QT.Q4_0: np.array([(b if b & 0x0F else b | 0x08) if b & 0xF0 else (b | 0x80 if b & 0x0F else 0x88)
+                                 for b in range(256)], np.uint8),
+              QT.Q8_0: np.array([0 if b == 0x80 else b for b in range(256)], np.uint8)}
 
 
 def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, is_norm: bool) -> Iterator[np.ndarray]:
@@ -41,7 +48,8 @@ def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, i
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         if qtype in _SCALE:
-            data = np.frombuffer(rng.bytes(n * rb), np.uint8).reshape(n, rb // quant.BLOCK_BYTES[qtype], -1).copy()
+            data = _SYMMETRIC[qtype][np.frombuffer(rng.bytes(n * rb), np.uint8)]
+            data = data.reshape(n, rb // quant.BLOCK_BYTES[qtype], -1)
             data[:, :, :2] = np.array([_SCALE[qtype]]).view(np.uint8)
             yield data.reshape(n, rb)
         else:
