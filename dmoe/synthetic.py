@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Iterator
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
@@ -36,6 +37,12 @@ _SYMMETRIC = {QT.Q4_0: np.array([(b if b & 0x0F else b | 0x08) if b & 0xF0 else 
               QT.Q8_0: np.array([0 if b == 0x80 else b for b in range(256)], np.uint8)}
 
 
+@numba.njit(parallel=True, cache=True)
+def _map_bytes(data: np.ndarray, table: np.ndarray) -> None:
+    for i in numba.prange(data.size):
+        data[i] = table[data[i]]
+
+
 def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, is_norm: bool) -> Iterator[np.ndarray]:
     """A tensor's data in row chunks of about CHUNK_BYTES: random bytes for Q4_0/Q8_0, values otherwise."""
     cols = shape[-1]
@@ -48,7 +55,8 @@ def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, i
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         if qtype in _SCALE:
-            data = _SYMMETRIC[qtype][np.frombuffer(rng.bytes(n * rb), np.uint8)]
+            data = np.frombuffer(rng.bytes(n * rb), np.uint8).copy()
+            _map_bytes(data, _SYMMETRIC[qtype])
             data = data.reshape(n, rb // quant.BLOCK_BYTES[qtype], -1)
             data[:, :, :2] = np.array([_SCALE[qtype]]).view(np.uint8)
             yield data.reshape(n, rb)
