@@ -22,12 +22,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--no-repack", action="store_true", help="llama.cpp without its weight repacking")
     args = p.parse_args()
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    if args.no_repack:  # Llama() takes no such option: change the defaults it starts from
+        defaults = lib.llama_model_default_params
+
+        def no_repack():  # type: ignore[no-untyped-def]
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = no_repack
     t0 = time.perf_counter()
-    kwargs = {"use_extra_bufts": False} if args.no_repack else {}
     llm = Llama(args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=max(args.prompt_len) + 256,
-                n_batch=max(args.prompt_len), n_ubatch=max(args.prompt_len), verbose=False, **kwargs)
+                n_batch=max(args.prompt_len), n_ubatch=max(args.prompt_len), verbose=False)
     result: dict[str, float | int | list[float]] = {"threads": args.threads, "load_s": time.perf_counter() - t0}
     rng = np.random.default_rng(0)
     for i, n in enumerate(args.prompt_len):
