@@ -84,29 +84,8 @@ def hf_tensors(directory: str) -> dict[str, np.ndarray]:
 def reference_on_file_weights(directory: str, model_path: str) -> Qwen3MoeForCausalLM:
     """The transformers model of `directory` with every weight replaced by the .m file's dequantised
     tensor: the reference for quantised files (it isolates our compute from the format's rounding)."""
-    from dmoe.modelfile import ModelFile
+    from scripts.train_demo import load_file_weights  # imported late: it sets the torch thread policy
 
     model = load_reference(directory)
-    mf = ModelFile(model_path)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "token_embd.weight" if mf.config.tie_word_embeddings else "output.weight"}
-    per_layer = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
-                 "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
-                 "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
-                 "mlp.gate.weight": "ffn_gate_inp", "input_layernorm.weight": "attn_norm",
-                 "post_attention_layernorm.weight": "ffn_norm", "mlp.experts.down_proj": "ffn_down_exps"}
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname in names:
-                value = mf.dequantize(names[pname])
-            else:
-                layer, rest = pname.split(".", 3)[2], pname.split(".", 3)[3]
-                b = f"blk.{layer}."
-                if rest == "mlp.experts.gate_up_proj":
-                    value = np.concatenate([mf.dequantize(b + "ffn_gate_exps.weight"),
-                                            mf.dequantize(b + "ffn_up_exps.weight")], axis=1)
-                else:
-                    value = mf.dequantize(b + per_layer[rest] + ".weight")
-            p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
-    mf.close()
+    load_file_weights(model, model_path)
     return model
