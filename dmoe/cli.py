@@ -281,18 +281,20 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 
 def _bench(args: argparse.Namespace, engine: Any) -> int:
     """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
-    --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory."""
+    --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory.
+    An untimed prefill first brings the mapped weights into memory, as llama_peer.py does for llama.cpp."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate
     from dmoe.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
+    engine.forward([int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), args.prompt_len[0])])
     result: dict[str, Any] = {"ranks": engine.comm.size, "threads": engine.nthreads,
                               "load_s": engine.load_seconds}
     for i, n in enumerate(args.prompt_len):
         ids = [int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), n)]
-        stats = GenerationStats()
+        stats, sent = GenerationStats(), engine.comm.bytes_sent
         engine.reset()
         for _ in generate(engine, ids, SamplingParams(), args.steps if i == 0 else 1, frozenset(), stats):
             pass
@@ -301,7 +303,7 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         if i == 0:
             result |= {"decode_tok_s": stats.decode_tok_s, "generated_tokens": stats.generated_tokens,
                        "comm_ms_per_token": stats.comm_ms_per_token, "comm_kb_per_token_per_rank":
-                       engine.comm.bytes_sent / 1024 / max(1, n + stats.generated_tokens - 1)}
+                       (engine.comm.bytes_sent - sent) / 1024 / max(1, n + stats.generated_tokens - 1)}
         if not args.json:
             print(f"dmoe: {stats.summary()}")
     result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
