@@ -39,7 +39,7 @@ def main() -> None:
                 n_batch=max(args.prompt_len), n_ubatch=max(args.prompt_len), verbose=False)
     result: dict[str, float | int | list[float]] = {"threads": args.threads, "load_s": time.perf_counter() - t0}
     rng = np.random.default_rng(0)
-    llm.eval([int(t) for t in rng.integers(0, 100_000, args.prompt_len[0])])  # untimed: maps the weights in
+    llm.eval([int(t) for t in rng.integers(0, 100_000, max(args.prompt_len))])  # untimed: maps the weights in
     for i, n in enumerate(args.prompt_len):
         ids = [int(t) for t in rng.integers(0, 100_000, n)]
         llm.reset()

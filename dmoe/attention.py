@@ -4,7 +4,8 @@ The cache is [Hkv, S, D] per layer, f32 or f16. numba has no float16, so the f16
 bit patterns in uint16 (written with numpy's correctly rounded cast) and rows are widened in registers
 by bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower).
 Work is split by (token, KV head): each K and V row is read once for the whole group of query heads
-that share it.
+that share it. A prefill widens an f16 cache to f32 once per layer first (widen), since it reads every row
+once per token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
     for src, cache in ((k, k_cache), (v, v_cache)):
         vals = src.reshape(T, n_kv, D).transpose(1, 0, 2)
         cache[:, pos:pos + T] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
+
+
+def widen(k_cache: np.ndarray, v_cache: np.ndarray, n: int, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n-1 of f16 caches [Hkv, S, D] as f32 [Hkv, n, D] arrays in `scratch`: a prefill of T
+    tokens reads every row T times, so widening once beats widening on every read."""
+    n_kv, _, D = k_cache.shape
+    size = n_kv * n * D
+    out = scratch[:size].reshape(n_kv, n, D), scratch[size:2 * size].reshape(n_kv, n, D)
+    for cache, dst in zip((k_cache, v_cache), out, strict=True):
+        np.copyto(dst, cache[:, :n].view(np.float16))
+    return out
 
 
 def _row_f32(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
@@ -59,7 +71,10 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
     n_kv, _, D = k_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     for task in numba.prange(T * n_kv):
-        t, kvh = task // n_kv, task % n_kv
+        # tokens in pairs (first, last), (second, second last), ...: each pair costs the same under the causal
+        # mask, so prange's equal contiguous chunks of tasks are equal work
+        m, kvh = task // n_kv, task % n_kv
+        t = m // 2 if m % 2 == 0 else T - 1 - m // 2
         h0, h1 = heads[kvh, 0], heads[kvh, 1]
         n = pos + t + 1
         tid = numba.get_thread_id()

@@ -282,14 +282,15 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 def _bench(args: argparse.Namespace, engine: Any) -> int:
     """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
     --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory.
-    An untimed prefill first brings the mapped weights into memory, as llama_peer.py does for llama.cpp."""
+    An untimed prefill of the longest prompt first brings the mapped weights (nearly every expert) into
+    memory, as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate
     from dmoe.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
-    engine.forward([int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), args.prompt_len[0])])
+    engine.forward([int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), max(args.prompt_len))])
     result: dict[str, Any] = {"ranks": engine.comm.size, "threads": engine.nthreads,
                               "load_s": engine.load_seconds}
     for i, n in enumerate(args.prompt_len):

@@ -31,6 +31,8 @@ class RunState:
         self.x = np.zeros((capacity, d), np.float32)  # [T, d] residual stream
         self.h = np.zeros((capacity, d), np.float32)  # [T, d] normalised input of a block
         self.qkv = np.zeros((capacity, (H + 2 * Hkv) * D), np.float32)  # [T, (H + 2 Hkv) D]
+        self.q = np.zeros((capacity, H * D), np.float32)  # [T, H D] queries, contiguous: attend's loops
+        # over a strided slice of qkv do not vectorise (4x slower)
         self.attn = np.zeros((capacity, H * D), np.float32)  # [T, H D]
         self.o = np.zeros((capacity, d), np.float32)  # [T, d] partial attention output, then summed
         self.router_logits = np.zeros((capacity, cfg.num_experts), np.float32)  # [T, E] (root)
@@ -43,6 +45,8 @@ class RunState:
                                for kv in range(*shard.kv_heads)], np.int32).reshape(-1, 2)  # [Hkv, 2] query heads
         self.scores = np.zeros((threads, group, max_seq), np.float32)  # attention scratch per thread [G, S]
         self.bits = np.zeros((threads, D), np.uint32)  # a widened f16 cache row per thread
+        # An f16 cache widened once per layer for a prefill (T > 1), which reads every row T times
+        self.kv_f32 = np.zeros(2 * Hkv * max_seq * D if capacity > 1 else 0, np.float32)
 
 
 class Layer:
@@ -69,7 +73,11 @@ class Layer:
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, pos)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, pos)
             attention.store_kv(k, v, self.k_cache, self.v_cache, pos)
-            attention.attend(q, st.heads, self.k_cache, self.v_cache, pos, st.scores, st.bits, st.attn[:T])
+            k_cache, v_cache = self.k_cache, self.v_cache
+            if T > 1 and k_cache.dtype == np.uint16:
+                k_cache, v_cache = attention.widen(k_cache, v_cache, pos + T, st.kv_f32)
+            st.q[:T] = q
+            attention.attend(st.q[:T], st.heads, k_cache, v_cache, pos, st.scores, st.bits, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
