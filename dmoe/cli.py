@@ -200,7 +200,7 @@ def _load(args: argparse.Namespace, comm: Any) -> Any:
     cache = {"off": None, "auto": default_dir()}.get(args.pack_cache, args.pack_cache)
     engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
                          moe_split=args.moe_split, comm=comm, progress=comm.rank == 0 and sys.stderr.isatty(),
-                         pack_cache=cache)
+                         pack_cache=cache, preload=args.command == "bench")
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
@@ -282,8 +282,8 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 def _bench(args: argparse.Namespace, engine: Any) -> int:
     """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
     --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory.
-    An untimed prefill of the longest prompt first brings the mapped weights (nearly every expert) into
-    memory, as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
+    The weights are read in whole at load (preload) and an untimed prefill of the longest prompt runs first,
+    as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate

@@ -39,7 +39,7 @@ class Engine:
     """One rank's part of the model. Build with `Engine.load`."""
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
-                 moe_split: str, progress: bool = False, pack_cache: str | None = None) -> None:
+                 moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False) -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -52,7 +52,7 @@ class Engine:
         self.plan = ShardPlan.make(cfg, comm.size, moe_split)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
-        self.weights = self._load_weights(mf, progress, pack_cache)
+        self.weights = self._load_weights(mf, progress, pack_cache, preload)
         kv_shape = (cfg.num_hidden_layers, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
         self.k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, Hkv, S, D]
         self.v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
@@ -66,12 +66,15 @@ class Engine:
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
 
-    def _load_weights(self, mf: ModelFile, progress: bool, pack_cache: str | None) -> ModelWeights:
-        """This rank's weights, mapped from the pack cache when it has them, else packed (and saved there)."""
+    def _load_weights(self, mf: ModelFile, progress: bool, pack_cache: str | None, preload: bool) -> ModelWeights:
+        """This rank's weights, mapped from the pack cache when it has them (read in whole first with
+        `preload`), else packed (and saved there)."""
         slot = f"{self.plan.world_size}|{self.plan.moe_split}|{self.shard.rank}"
         tag = f"{self.shard}|{self.is_root}"
         store = PackStore(mf.path, slot, tag, pack_cache)
         self.pack_cache_hit = store.mode == "read"
+        if preload:
+            store.preload()
         try:
             weights = load_weights(mf, self.shard, self.is_root, store, progress)
             store.finish(lambda message: print(f"dmoe: {message}", file=sys.stderr) if self.is_root else None)
@@ -86,17 +89,18 @@ class Engine:
     @classmethod
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, progress: bool = False,
-             pack_cache: str | None = None) -> Engine:
+             pack_cache: str | None = None, preload: bool = False) -> Engine:
         """Open `path` and load this rank's shard. nthreads defaults to this host's cores divided by
         the ranks on it; progress shows a bar over the layers; pack_cache is a directory for the pack cache
-        (see packcache.py), None for none."""
+        (see packcache.py), None for none; preload reads a mapped pack cache in whole before the first token
+        (else its pages arrive as the experts are first used)."""
         comm = comm or make_comm()
         if nthreads is None:
             on_host = comm.allgather_obj(comm.host).count(comm.host)
             nthreads = max(1, (os.cpu_count() or 1) // on_host)
         nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
         t0 = time.perf_counter()
-        engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache)
+        engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache, preload)
         engine.load_seconds = time.perf_counter() - t0
         return engine
 

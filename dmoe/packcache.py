@@ -96,6 +96,15 @@ class PackStore:
             self._map._mmap.madvise(mmap.MADV_WILLNEED)
         self.mode = "read"
 
+    def preload(self) -> None:
+        """Read a mapped cache file in whole now, so that no token waits for the disk (the background
+        read-ahead of a 17 GB file is not complete when the first tokens run, nor guaranteed at all)."""
+        if self.mode == "read":
+            chunk = bytearray(1 << 24)
+            with open(self.path, "rb", buffering=0) as f:
+                while f.readinto(chunk):
+                    pass
+
     def discard(self) -> None:
         """Remove this store's cache file (it was stale)."""
         self._map = None
