@@ -11,6 +11,7 @@ and the ratio ours / llama.cpp; also dmoe over several ranks. Writes JSON and an
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -30,13 +31,36 @@ def run_json(cmd: list[str]) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def evict(paths: list[str]) -> None:
+    """Drop files from the page cache. dmoe maps its pack cache, llama.cpp the model file: together they
+    exceed this box's RAM, and the kernel keeps the pages the last engine used hot at the expense of the pages
+    the next one reads in, so that engine would be timed paging in from disk. Each run starts with the other
+    engine's file evicted."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def pack_files(model: str) -> list[str]:
+    """dmoe's pack cache files for `model` (see dmoe/packcache.py), every world size."""
+    from dmoe.packcache import default_dir
+
+    folder = os.environ.get("DMOE_PACK_CACHE") or default_dir()
+    return glob.glob(os.path.join(folder, glob.escape(os.path.basename(model)) + "-*.pack"))
+
+
 def ours(model: str, ranks: int, threads: int, prompts: str, steps: int) -> dict[str, Any]:
+    evict([model])
     launch = [sys.executable, "launch.py", "bench", "--model", model, "--nthreads", str(threads),
               "--prompt-len", prompts, "--steps", str(steps), "--json"]
     return run_json((["mpirun", "-n", str(ranks)] if ranks > 1 else []) + launch)
 
 
 def llama(python: str, model: str, threads: int, prompts: str, steps: int, no_repack: bool) -> dict[str, Any]:
+    evict(pack_files(model))
     cmd = [python, os.path.join(HERE, "llama_peer.py"), model, "--threads", str(threads), "--prompt-len", prompts,
            "--steps", str(steps)]
     return run_json(cmd + (["--no-repack"] if no_repack else []))
