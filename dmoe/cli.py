@@ -255,6 +255,7 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
     stop_ids = tok.eos_ids if tok is not None else frozenset()
     out_ids: list[int] = []
     stream = TextStream(tok) if tok is not None else None
+    phases = dict(engine.phase_seconds)
     with _Interrupt() as interrupt:
         for token in generate(engine, ids, args.sampling, args.steps, stop_ids, stats, lambda: interrupt.flag):
             out_ids.append(token)
@@ -276,6 +277,10 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
             sys.stdout.write(",".join(str(i) for i in out_ids))
         sys.stdout.write("\n")
         print(f"dmoe: {stats.summary()}", file=sys.stderr)
+    if args.verbose:
+        spent = {name: seconds - phases[name] for name, seconds in engine.phase_seconds.items()}
+        print("dmoe: rank 0's forward time: " + ", ".join(f"{name} {s:.2f} s" for name, s in spent.items())
+              + f" (the collectives inside them: {stats.comm_seconds:.2f} s)", file=sys.stderr)
     return 0
 
 

@@ -65,6 +65,8 @@ class Engine:
         self.tokens: list[int] = []  # the ids whose keys and values are in the cache
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
+        # where this rank's forward time went (--verbose prints the root's); the collectives are inside
+        self.phase_seconds = dict.fromkeys(("embedding", "attention", "experts", "output"), 0.0)
 
     def _load_weights(self, mf: ModelFile, progress: bool, pack_cache: str | None, preload: bool) -> ModelWeights:
         """This rank's weights, mapped from the pack cache when it has them (read in whole first with
@@ -184,12 +186,19 @@ class Engine:
         T, pos = len(ids), self.position
         self.comm.bcast(ids)
         st = self._state(T)
-        w = self.weights
+        w, phase, clock = self.weights, self.phase_seconds, time.perf_counter
+        t0 = clock()
         st.x[:T] = quant.dequantize(w.embedding[ids], w.embedding_type, self.config.hidden_size)
+        phase["embedding"] += clock() - t0
         for layer in self.layers:
+            t0 = clock()
             layer.attention(st, T, pos, self.rope, self.comm)
+            t1 = clock()
             layer.moe(st, T, self.comm)
+            phase["attention"] += t1 - t0
+            phase["experts"] += clock() - t1
         self.tokens.extend(int(i) for i in ids)
+        t0 = clock()
         rows = st.x[:T] if all_logits else st.x[T - 1:T]
         h = st.h[:rows.shape[0]]
         ops.rmsnorm(rows, w.output_norm, self.config.rms_norm_eps, h)
@@ -198,6 +207,7 @@ class Engine:
             w.output.matmul(h, local)
         logits = np.empty((h.shape[0], self.config.vocab_size), np.float32) if self.is_root else local
         self.comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
+        phase["output"] += clock() - t0
         return logits if self.is_root else None
 
 

@@ -130,12 +130,20 @@ class HFCheckpoint:
         count = (e.end - e.start) // size
         if count != int(np.prod(shape)):
             raise CheckpointError(f"tensor {name}: {e.end - e.start} bytes do not hold shape {list(shape)}")
-        data = np.frombuffer(self._maps[e.shard], np_dtype, count=count, offset=e.start).reshape(shape)
+        mm = self._maps[e.shard]
+        data = np.frombuffer(mm, np_dtype, count=count, offset=e.start).reshape(shape)
+        start, nbytes = e.start, e.end - e.start
         if index is not None:
             data = data[index]
-        if e.dtype == "BF16":
-            return quant.bf16_to_f32(data)
-        return data.astype(np.float32)
+            nbytes //= shape[0]
+            start += index * nbytes
+        out = quant.bf16_to_f32(data) if e.dtype == "BF16" else data.astype(np.float32)
+        # A copy now: unmap the pages read, so resident memory stays one tensor, not the checkpoint so far
+        # (they stay in the page cache, reclaimable, for anyone who reads them again)
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, first, start + nbytes - first)
+        return out
 
     def close(self) -> None:
         for mm in self._maps.values():

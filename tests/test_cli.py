@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,11 +49,14 @@ def test_seed_reproduces(model_file) -> None:
 
 
 def test_text_prompt_streams_and_reports(text_model) -> None:
-    r = launch("--model", text_model(), "--prompt", "Once upon a time", "--steps", "10", "--seed", "1")
+    r = launch("--model", text_model(), "--prompt", "Once upon a time", "--steps", "10", "--seed", "1", "--verbose")
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and len(r.stdout) > 1
-    timing = r.stderr.strip().splitlines()[-1]
+    *_, loaded, timing, phases = r.stderr.strip().splitlines()
+    assert "loaded in" in loaded
     assert "prompt 4 tokens" in timing and "tok/s" in timing and "time to first token" in timing
+    spent = dict(re.findall(r"(\w+) (\d+\.\d+) s", phases))
+    assert set(spent) >= {"embedding", "attention", "experts", "output"}, phases
 
 
 def test_info(text_model) -> None:
