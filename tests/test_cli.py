@@ -98,3 +98,29 @@ def test_ctrl_c_stops_cleanly(long_model) -> None:
     assert proc.returncode == 0, err
     result = json.loads(out)
     assert result["finish_reason"] == "interrupted" and 0 < len(result["ids"]) < 100000
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_bench_reports_every_figure(ranks: int, model_file) -> None:
+    """launch.py bench as bench_peer.py reads it, run twice so that the second run maps (and preloads) the pack
+    cache the first wrote. Per token the root sends, per layer, two all-reduces of the hidden state and the
+    router's k ids and weights (float32): the bytes it reports must be that, plus a few bytes of protocol."""
+    from dmoe.modelfile import ModelFile
+
+    path = model_file("a", "q40")
+    cmd = ["mpirun", "-n", "2", sys.executable, "launch.py"] if ranks > 1 else [sys.executable, "launch.py"]
+    for _ in range(2):
+        r = subprocess.run([*cmd, "bench", "--model", path, "--prompt-len", "8,16", "--steps", "5", "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=240)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["ranks"] == ranks and out["generated_tokens"] == 5
+        assert all(out[k] > 0 for k in ("prefill8_tok_s", "prefill16_tok_s", "decode_tok_s", "ttft8_s", "load_s"))
+        assert len(out["peak_rss_gb_per_rank"]) == ranks
+    with ModelFile(path) as mf:
+        cfg = mf.config
+    per_token = cfg.num_hidden_layers * 4 * (2 * cfg.hidden_size + 2 * cfg.num_experts_per_tok) / 1024
+    if ranks == 1:
+        assert out["comm_kb_per_token_per_rank"] == 0
+    else:
+        assert per_token <= out["comm_kb_per_token_per_rank"] <= per_token * 1.06
