@@ -20,6 +20,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_peer import evict  # noqa: E402
+
 from dmoe.config import ModelConfig  # noqa: E402
 
 
@@ -82,10 +84,7 @@ def main() -> None:
     fixed_bytes = os.path.getsize(os.path.join(hf_dir, "model-embed.safetensors"))
     subprocess.run(["sync"], check=False)
     if args.cold:  # read the checkpoint from disk, as a real 61 GB one (more than RAM) would be
-        for name in os.listdir(hf_dir):
-            fd = os.open(os.path.join(hf_dir, name), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict([os.path.join(hf_dir, name) for name in os.listdir(hf_dir)])
     out = os.path.join(args.workdir, "out.m")
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "converter", "convert_hf.py"), "--arch", "qwen3_moe",

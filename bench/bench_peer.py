@@ -32,10 +32,10 @@ def run_json(cmd: list[str]) -> dict[str, Any]:
 
 
 def evict(paths: list[str]) -> None:
-    """Drop files from the page cache. dmoe maps its pack cache, llama.cpp the model file: together they
-    exceed this box's RAM, and the kernel keeps the pages the last engine used hot at the expense of the pages
-    the next one reads in, so that engine would be timed paging in from disk. Each run starts with the other
-    engine's file evicted."""
+    """Drop files from the page cache (no root needed). Here: dmoe maps its pack cache, llama.cpp the model
+    file; together they exceed this box's RAM, and the kernel keeps the pages the last engine used hot at the
+    expense of the pages the next one reads in, so that engine would be timed paging in from disk. Each run
+    starts with the other engine's file evicted."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -295,11 +295,15 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
     from dmoe.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
-    engine.forward([int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), max(args.prompt_len))])
+
+    def random_ids(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), n)]
+
+    engine.forward(random_ids(max(args.prompt_len)))
     result: dict[str, Any] = {"ranks": engine.comm.size, "threads": engine.nthreads,
                               "load_s": engine.load_seconds}
     for i, n in enumerate(args.prompt_len):
-        ids = [int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), n)]
+        ids = random_ids(n)
         stats, sent = GenerationStats(), engine.comm.bytes_sent
         engine.reset()
         for _ in generate(engine, ids, SamplingParams(), args.steps if i == 0 else 1, frozenset(), stats):

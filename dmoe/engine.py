@@ -77,15 +77,20 @@ class Engine:
         self.pack_cache_hit = store.mode == "read"
         if preload:
             store.preload()
+
+        def report(message: str) -> None:
+            if self.is_root:
+                print(f"dmoe: {message}", file=sys.stderr)
+
         try:
             weights = load_weights(mf, self.shard, self.is_root, store, progress)
-            store.finish(lambda message: print(f"dmoe: {message}", file=sys.stderr) if self.is_root else None)
+            store.finish(report)
         except StaleCacheError:
             store.discard()
             self.pack_cache_hit = False
             store = PackStore(mf.path, slot, tag, pack_cache)
             weights = load_weights(mf, self.shard, self.is_root, store, progress)
-            store.finish()
+            store.finish(report)
         return weights
 
     @classmethod
@@ -178,7 +183,8 @@ class Engine:
         if st is None:
             if capacity > DECODE_CAPACITY:  # keep one prefill state: the largest seen
                 self._states = {c: s for c, s in self._states.items() if c <= DECODE_CAPACITY}
-            st = RunState(self.config, self.shard, capacity, self.max_seq_len, self.nthreads)
+            st = RunState(self.config, self.shard, capacity, self.max_seq_len, self.nthreads,
+                          widen_kv=capacity > 1 and self.k_cache.dtype == np.uint16)
             self._states[capacity] = st
         return st
 

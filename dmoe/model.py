@@ -24,7 +24,8 @@ from dmoe.weights import LayerWeights
 class RunState:
     """Every buffer one forward step needs, allocated once for up to `capacity` tokens and reused."""
 
-    def __init__(self, cfg: ModelConfig, shard: RankShard, capacity: int, max_seq: int, threads: int) -> None:
+    def __init__(self, cfg: ModelConfig, shard: RankShard, capacity: int, max_seq: int, threads: int,
+                 widen_kv: bool = False) -> None:
         d, D, k = cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok
         H, Hkv = shard.n_q_heads, shard.n_kv_heads
         self.capacity = capacity
@@ -46,7 +47,7 @@ class RunState:
         self.scores = np.zeros((threads, group, max_seq), np.float32)  # attention scratch per thread [G, S]
         self.bits = np.zeros((threads, D), np.uint32)  # a widened f16 cache row per thread
         # An f16 cache widened once per layer for a prefill (T > 1), which reads every row T times
-        self.kv_f32 = np.zeros(2 * Hkv * max_seq * D if capacity > 1 else 0, np.float32)
+        self.kv_f32 = np.zeros(2 * Hkv * max_seq * D if widen_kv else 0, np.float32)
 
 
 class Layer:

@@ -69,9 +69,17 @@ def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, store: PackStor
     t = mf.tensors[out_name]
     output = store.weight([mf.raw(out_name)[v0:v1]], t.qtype, cfg.hidden_size) if v1 > v0 else None
     if not cfg.tie_word_embeddings:
-        mf.release(out_name)
+        _release(mf, store, [out_name])
     return ModelWeights(layers, mf.dequantize("output_norm.weight"), output, mf.raw("token_embd.weight"),
                         mf.tensors["token_embd.weight"].qtype)
+
+
+def _release(mf: ModelFile, store: PackStore, names: list[str]) -> None:
+    """Drop the file's pages of tensors just packed; a store mapping its cache never read them, and
+    releasing them anyway cost a file open per tensor at every start."""
+    if store.mode != "read":
+        for name in names:
+            mf.release(name)
 
 
 def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, store: PackStore) -> LayerWeights:
@@ -101,8 +109,8 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         t = mf.tensors[b + "ffn_down_exps.weight"]
         raw, qt = column_slice(mf.raw(b + "ffn_down_exps.weight")[e0:e1], t.qtype, cfg.moe_intermediate_size, f0, f1)
         down = store.experts(raw, qt, f1 - f0)
-    for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-        mf.release(f"{b}{n}.weight")
+    _release(mf, store, [f"{b}{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps",
+                                                      "ffn_up_exps", "ffn_down_exps")])
     return LayerWeights(
         mf.dequantize(b + "attn_norm.weight"), mf.dequantize(b + "attn_q_norm.weight"),
         mf.dequantize(b + "attn_k_norm.weight"), mf.dequantize(b + "ffn_norm.weight"),
