@@ -61,7 +61,7 @@ class Repacker:
     def weight(self, rows: int, cols: int) -> Weight:
         raw = random_q4_0(self.rng, (rows,), cols)
         t0 = time.perf_counter()
-        w = pack_weight([raw], QT.Q4_0, cols)
+        w = pack_weight([raw], [QT.Q4_0], cols)
         self.seconds += time.perf_counter() - t0
         self.bytes += raw.nbytes
         return w

@@ -77,7 +77,7 @@ def convert(hf_dir: str, out: str, qtype_name: str, progress: bool = True) -> di
                                          eos if isinstance(eos, int) else None, vocab_size=cfg.vocab_size)
 
         name = os.path.basename(os.path.normpath(hf_dir))
-        summary = write_model(out, cfg, quant.BY_NAME[qtype_name], lambda n: tensor_chunks(ckpt, cfg, n),
+        summary = write_model(out, cfg, qtype_name, lambda n: tensor_chunks(ckpt, cfg, n),
                               metadata={"general.name": name}, tokenizer=tokenizer, progress=progress)
         return {**summary, "input_bytes": ckpt.nbytes}
     finally:

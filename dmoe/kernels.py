@@ -1,5 +1,6 @@
 """Weight kernels: matrix x vector, matrix x matrix and the MoE expert block, for ggml's Q4_0, Q8_0,
-F32, F16 and BF16 weights. This is the hot path of decoding.
+F32, F16 and BF16 weights, and every other block type blocks.py decodes (K-quants, IQ4, Q4_1, Q5_x)
+through one decoded layout. This is the hot path of decoding.
 
 Weights arrive as raw bytes (zero-copy views of the mapped model file) and are repacked once at
 load, by a parallel numba kernel, into groups of R = 32 interleaved rows (kernels_formats.py: the
@@ -19,7 +20,7 @@ S = T * k routed (token, expert) slots.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numba
@@ -27,7 +28,19 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import get_num_threads, njit, prange
 
-from .kernels_formats import QK, QUANT_LAYOUT, R, dot_group, prepare, repack_float, repack_quant
+from . import quant
+from .blocks import BLOCK_BYTES, BLOCK_WEIGHTS, DECODED
+from .kernels_formats import (
+    DECODED_RECORD,
+    QK,
+    QUANT_LAYOUT,
+    R,
+    dot_group,
+    prepare,
+    repack_decoded,
+    repack_float,
+    repack_quant,
+)
 from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, stack_array
 
 __all__ = [
@@ -35,6 +48,7 @@ __all__ = [
     "ExpertWeights",
     "pack_weight",
     "pack_experts",
+    "packed_format",
     "moe_forward",
     "set_isa",
     "ISA_GENERIC",
@@ -44,8 +58,20 @@ __all__ = [
 TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
 _ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
 
-_QUANT = {QT[name]: (np.dtype(dtype), *geometry) for dtype, (name, *geometry) in QUANT_LAYOUT.items()}
-_FLOAT = {QT.F32: (np.float32, np.uint32, 4), QT.F16: (np.uint16, np.uint16, 2), QT.BF16: (np.int16, np.uint16, 2)}
+_QUANT = {name: (np.dtype(dtype), *geometry) for dtype, (name, *geometry) in QUANT_LAYOUT.items()}
+_FLOAT = {"F32": (np.float32, np.uint32), "F16": (np.uint16, np.uint16), "BF16": (np.int16, np.uint16)}
+DECODED_FORMAT = "decoded"  # the layout of every block type without one of its own
+
+
+def packed_format(qtypes: Sequence[QT]) -> str:
+    """The layout a matrix whose row ranges come in these ggml types is packed into: a type's own (Q4_0,
+    Q8_0, F32, F16, BF16), else the decoded layout, which also holds rows of mixed block types."""
+    names = {QT(t).name for t in qtypes}
+    if len(names) == 1 and (names <= _QUANT.keys() or names <= _FLOAT.keys()):
+        return names.pop()
+    if all(QT(t) in DECODED for t in qtypes):
+        return DECODED_FORMAT
+    raise ValueError(f"cannot pack rows of types {sorted(names)} into one matrix")
 
 _isa = HOST_ISA
 
@@ -66,57 +92,63 @@ def set_isa(isa: int) -> None:
 
 
 class ExpertWeights:
-    """E matrices [rows, cols] repacked for the kernels (E = 1 for a plain `Weight`)."""
+    """E matrices [rows, cols] repacked for the kernels (E = 1 for a plain `Weight`), in layout `fmt`."""
 
-    def __init__(self, n_experts: int, rows: int, cols: int, qtype: QT, data: np.ndarray | None = None) -> None:
+    def __init__(self, n_experts: int, rows: int, cols: int, fmt: str, data: np.ndarray | None = None) -> None:
         """data: an already packed array of exactly this layout (e.g. mapped from a pack cache), used as is."""
-        self.n_experts, self.rows, self.cols, self.qtype = n_experts, rows, cols, QT(qtype)
-        shape, dtype = self.layout(n_experts, rows, cols, self.qtype)
+        self.n_experts, self.rows, self.cols, self.fmt = n_experts, rows, cols, fmt
+        shape, dtype = self.layout(n_experts, rows, cols, fmt)
         if data is None:
             data = np.zeros(shape, dtype)
         elif data.shape != shape or data.dtype != dtype:
-            raise ValueError(f"packed {self.qtype.name} data must be {dtype} {shape}, got {data.dtype} {data.shape}")
+            raise ValueError(f"packed {fmt} data must be {dtype} {shape}, got {data.dtype} {data.shape}")
         self.data = data
-        self.quantised = self.qtype in _QUANT
+        self.quantised = fmt not in _FLOAT
 
     @staticmethod
-    def layout(n_experts: int, rows: int, cols: int, qtype: QT) -> tuple[tuple[int, ...], np.dtype]:
+    def layout(n_experts: int, rows: int, cols: int, fmt: str) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of the packed array of E matrices [rows, cols]."""
         groups = -(-rows // R)
-        if qtype in _QUANT:
-            if cols % QK:
-                raise ValueError(f"{qtype.name} weights need cols divisible by {QK}, got {cols}")
-            dtype, _, panels, _ = _QUANT[qtype]  # the dtype tells the kernels the format
-            header = 2 * R // panels  # the panel's f16 scales
-            return (n_experts, groups, panels, cols // QK, header + 256), dtype  # [E, G, panels, nb, header + 256]
-        if qtype in _FLOAT:
-            return (n_experts, groups, cols, R), np.dtype(_FLOAT[qtype][0])  # [E, G, cols, R]
-        raise ValueError(f"unsupported weight type {qtype.name}")
+        if fmt in _FLOAT:
+            return (n_experts, groups, cols, R), np.dtype(_FLOAT[fmt][0])  # [E, G, cols, R]
+        if fmt not in _QUANT and fmt != DECODED_FORMAT:
+            raise ValueError(f"unknown weight layout {fmt}")
+        if cols % QK:
+            raise ValueError(f"quantised weights need cols divisible by {QK}, got {cols}")
+        if fmt == DECODED_FORMAT:
+            return (n_experts, groups, R // 8, cols // QK, DECODED_RECORD // 4), np.dtype(np.uint32)
+        dtype, _, panels, _ = _QUANT[fmt]  # the dtype tells the kernels the format
+        header = 2 * R // panels  # the panel's f16 scales
+        return (n_experts, groups, panels, cols // QK, header + 256), dtype  # [E, G, panels, nb, header + 256]
 
-    def row_bytes(self) -> int:
-        """Bytes of one row in ggml's layout."""
+    def _repack(self, raw: np.ndarray, qtype: QT, row0: int, col0: int) -> None:
+        """Copy columns col0 .. col0 + cols of ggml rows raw [E, n, row_bytes] (uint8, any strides; rows of
+        type qtype, which may be wider) into rows row0.. of every matrix."""
+        qtype = QT(qtype)
+        unit = BLOCK_WEIGHTS.get(qtype, 1)
+        width = raw.shape[2] // quant.row_bytes(qtype, unit) * unit if raw.ndim == 3 else 0
+        if raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != quant.row_bytes(qtype, width):
+            raise ValueError(f"{qtype.name} rows need uint8 [E, rows, whole blocks] bytes, got {raw.dtype} {raw.shape}")
+        if col0 + self.cols > width or col0 % (QK if self.quantised else 1):
+            raise ValueError(f"columns {col0}..{col0 + self.cols} do not fit {qtype.name} rows of {width}")
+        if self.fmt == DECODED_FORMAT:
+            repack_decoded(raw, int(qtype), col0 // QK, row0, self.data.view(np.uint8))
+            return
+        if self.fmt != qtype.name:
+            raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
         if self.quantised:
-            return self.cols // QK * _QUANT[self.qtype][1]
-        return self.cols * _FLOAT[self.qtype][2]
-
-    def _repack(self, raw: np.ndarray, row0: int) -> None:
-        """Copy ggml rows raw [E, n, row_bytes] (uint8, any strides) into rows row0.. of every matrix."""
-        if raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != self.row_bytes():
-            raise ValueError(
-                f"{self.qtype.name} rows of {self.cols} columns need uint8 [E, rows, {self.row_bytes()}] bytes, "
-                f"got {raw.dtype} {raw.shape}"
-            )
-        if self.quantised:
-            repack_quant(raw, row0, self.data)
+            bb = BLOCK_BYTES[qtype]
+            repack_quant(raw[..., col0 // QK * bb:(col0 + self.cols) // QK * bb], row0, self.data)
         else:
-            repack_float(raw, row0, self.data.view(_FLOAT[self.qtype][1]))
+            eb = quant.ELEMENT_BYTES[qtype]
+            repack_float(raw[..., col0 * eb:(col0 + self.cols) * eb], row0, self.data.view(_FLOAT[self.fmt][1]))
 
 
 class Weight(ExpertWeights):
     """One matrix [rows, cols]: out = W @ x."""
 
-    def __init__(self, rows: int, cols: int, qtype: QT, data: np.ndarray | None = None) -> None:
-        super().__init__(1, rows, cols, qtype, data)
+    def __init__(self, rows: int, cols: int, fmt: str, data: np.ndarray | None = None) -> None:
+        super().__init__(1, rows, cols, fmt, data)
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[cols] -> out f32[rows] (overwritten)."""
@@ -127,21 +159,22 @@ class Weight(ExpertWeights):
         _matmul(self.data, x, *_X.get(x.shape[0], x.shape[1] // QK), out, _isa)
 
 
-def pack_weight(parts: list[np.ndarray], qtype: QT, cols: int) -> Weight:
-    """Repack ggml rows into a `Weight`. parts: 2-D uint8 [rows_i, row_bytes] views (any strides, e.g.
-    a subset of a tensor's rows and a block-aligned subset of each row's bytes), stacked along rows."""
-    w = Weight(sum(p.shape[0] for p in parts), cols, qtype)
+def pack_weight(parts: list[np.ndarray], qtypes: Sequence[QT], cols: int, col0: int = 0) -> Weight:
+    """Repack columns col0 .. col0 + cols of ggml rows into a `Weight`. parts: 2-D uint8 [rows_i, row_bytes]
+    views (any strides, e.g. a subset of a tensor's rows) of types qtypes[i], stacked along rows."""
+    w = Weight(sum(p.shape[0] for p in parts), cols, packed_format(qtypes))
     row0 = 0
-    for p in parts:
-        w._repack(p[None], row0)
+    for p, qtype in zip(parts, qtypes, strict=True):
+        w._repack(p[None], qtype, row0, col0)
         row0 += p.shape[0]
     return w
 
 
-def pack_experts(raw: np.ndarray, qtype: QT, cols: int) -> ExpertWeights:
-    """Repack ggml expert matrices raw uint8 [E, rows, row_bytes] (any strides) into `ExpertWeights`."""
-    w = ExpertWeights(raw.shape[0], raw.shape[1], cols, qtype)
-    w._repack(raw, 0)
+def pack_experts(raw: np.ndarray, qtype: QT, cols: int, col0: int = 0) -> ExpertWeights:
+    """Repack columns col0 .. col0 + cols of ggml expert matrices raw uint8 [E, rows, row_bytes] (any
+    strides) into `ExpertWeights`."""
+    w = ExpertWeights(raw.shape[0], raw.shape[1], cols, packed_format([qtype]))
+    w._repack(raw, qtype, 0, col0)
     return w
 
 
@@ -287,7 +320,8 @@ class _Grown:
 
 def _q8_rows(n: int, nb: int) -> tuple[np.ndarray, ...]:
     """Room for the Q8_0 form of n activation rows of nb blocks (xq, xd, xs), and iota [n]."""
-    return np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32), np.zeros((n, nb), np.int16), np.arange(n)
+    return (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32), np.zeros((n, nb, 3), np.int16),
+            np.arange(n))
 
 
 def _moe_act(n_slots: int, ffp: int) -> tuple[np.ndarray, ...]:

@@ -13,6 +13,13 @@ per block and defeats vectorisation:
                                     weights, as in the file, in one sequential stream
     Q8_0  int8  [E, G, 4, nb, 272]  4 panels of 8 rows; per panel-block 8 f16 scales (16 bytes), then
                                     8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row
+    decoded uint32 [E, G, 4, nb, 80]  every other ggml block type (K-quants, IQ4, Q4_1, Q5_x), and
+                                    rows of mixed types: 4 panels of 8 rows; per panel-block a record of
+                                    320 bytes: the rows' f16 d (16 bytes) and dmin (16), int8 sc of the
+                                    two 16-weight halves (8 + 8), int8 m (8 + 8), then the 32 int8 q of
+                                    each row as Q8_0's 8 vectors (blocks.py's exact form of every type:
+                                    value = d * sc * q - dmin * m). 10 bits a weight: a lossless common
+                                    ground, not yet each type's own compact layout
     F32   float32 [E, G, cols, R]
     F16   uint16  [E, G, cols, R]   (the f16 bits)
     BF16  int16   [E, G, cols, R]   (the bf16 bits; int16 only so that kernels tell the two 16-bit
@@ -20,8 +27,9 @@ per block and defeats vectorisation:
 
 Activations for the quantised formats are quantised to Q8_0 blockwise, as llama.cpp does, so that
 the block dot is an integer dot (kernels_simd's micro-kernels): xq int8 [n, nb, 32], xd float32
-[n, nb] (the block scale, kept in f32), xs int16 [n, nb] (8 * the block's sum of xq: Q4_0's offset
-of 8, subtracted once per block instead of once per weight). Q4_0 sums q * x with q = 0..15 in int16
+[n, nb] (the block scale, kept in f32), xs int16 [n, nb, 3] (8 * the block's sum of xq: Q4_0's offset
+of 8, subtracted once per block instead of once per weight; then the sums of its two halves, which
+the decoded layout's mins multiply). Q4_0 sums q * x with q = 0..15 in int16
 lanes, which can wrap, but the wanted sum of (q - 8) * x lies within +-8 * 127 * 32 = +-32512, so
 after the subtraction it comes out exact. The float formats use the f32 activation directly. An
 activation is passed as `act = (xf, xq, xd, xs)` whatever the format; the generic functions below
@@ -43,9 +51,11 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .kernels_simd import float_rows_dot, q4_0_isums, q8_0_isums, scale_add
+from .blocks import decode
+from .kernels_simd import decoded_block_dot, float_rows_dot, q4_0_isums, q8_0_isums, scale_add
 
-__all__ = ["R", "QK", "QUANT_LAYOUT", "repack_quant", "repack_float", "prepare", "dot_group"]
+__all__ = ["R", "QK", "QUANT_LAYOUT", "DECODED_RECORD", "repack_quant", "repack_decoded", "repack_float", "prepare",
+           "dot_group"]  # fmt: skip
 
 R = 32  # rows per group: a multiple of 32, so that a group's outputs are whole Q8_0 blocks
 QK = 32  # weights per ggml block
@@ -53,6 +63,8 @@ TOKENS = 4  # tokens per micro-kernel call: the unpacked weights in registers se
 
 # storage dtype name -> (qtype name, ggml block bytes, panels per group, bytes per row per 32-byte vector)
 QUANT_LAYOUT = {"uint8": ("Q4_0", 18, 2, 2), "int8": ("Q8_0", 34, 4, 4)}
+DECODED_RECORD = 320  # bytes per panel-block of the decoded layout: 8 rows x 32 weights
+_QUANTISED = (types.uint8, types.int8, types.uint32)  # storage dtypes of layouts with Q8_0 activations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +106,28 @@ def repack_quant(src, row0, dst):
 
 
 @njit(parallel=True, cache=True)
+def repack_decoded(src, qt, b0, row0, dst):
+    """Rows of ggml type qt (sub-blocks b0.. of each, i.e. from column 32 * b0) -> the decoded layout
+    dst (viewed as uint8 [E, G, 4, nb, 320]) as rows row0.. ."""
+    n_exp, n, nb = src.shape[0], src.shape[1], dst.shape[3]
+    g0, g1 = row0 // R, (row0 + n + R - 1) // R
+    for i in prange(n_exp * (g1 - g0)):
+        e, g = i // (g1 - g0), g0 + i % (g1 - g0)
+        q = np.empty(QK, np.int8)
+        for row in range(max(g * R, row0), min(g * R + R, row0 + n)):
+            p, rr = (row - g * R) // 8, (row - g * R) % 8
+            for b in range(nb):
+                d, dmin, sc0, sc1, m0, m1 = decode(qt, src[e, row - row0], b0 + b, q)
+                rec = dst[e, g, p, b]
+                rec[2 * rr], rec[2 * rr + 1] = d & 0xFF, d >> 8
+                rec[16 + 2 * rr], rec[17 + 2 * rr] = dmin & 0xFF, dmin >> 8
+                rec[32 + rr], rec[40 + rr], rec[48 + rr], rec[56 + rr] = sc0 & 0xFF, sc1 & 0xFF, m0 & 0xFF, m1 & 0xFF
+                for v in range(8):
+                    for u in range(4):
+                        rec[64 + 32 * v + 4 * rr + u] = q[4 * v + u]
+
+
+@njit(parallel=True, cache=True)
 def repack_float(src, row0, w):
     """F32/F16/BF16 rows -> w [E, G, cols, R] (little-endian bytes assembled into w's integer view)."""
     n_exp, n = src.shape[0], src.shape[1]
@@ -129,8 +163,11 @@ def quantize_q8_0(x, row, b0, b1, xq, xd, xs):
             q = np.int8(np.rint(x[row, b * QK + j] * inv))
             xq[row, b, j] = q
             total += np.int32(q)
+            if j == 15:
+                xs[row, b, 1] = np.int16(total)
         xd[row, b] = dx
-        xs[row, b] = np.int16(8 * total)
+        xs[row, b, 0] = np.int16(8 * total)
+        xs[row, b, 2] = np.int16(total - np.int32(xs[row, b, 1]))
 
 
 def prepare(w, act, row, c0, c1):  # pragma: no cover - typed by the overload below
@@ -139,7 +176,7 @@ def prepare(w, act, row, c0, c1):  # pragma: no cover - typed by the overload be
 
 @overload(prepare)
 def _prepare_impl(w, act, row, c0, c1):
-    if w.dtype in (types.uint8, types.int8):
+    if w.dtype in _QUANTISED:
 
         def impl(w, act, row, c0, c1):
             quantize_q8_0(act[0], row, c0 // QK, (c1 + QK - 1) // QK, act[1], act[2], act[3])
@@ -175,7 +212,7 @@ def _offset(w, xs, t, b):  # pragma: no cover - typed by the overload below
 @overload(_offset, inline="always")
 def _offset_impl(w, xs, t, b):
     if w.dtype == types.uint8:
-        return lambda w, xs, t, b: xs[t, b]
+        return lambda w, xs, t, b: xs[t, b, 0]
     return lambda w, xs, t, b: np.int32(0)
 
 
@@ -206,6 +243,22 @@ def _dot_group_float(w, e, g, act, toks, ntok, acc, isa):
         float_rows_dot(w, (e, g, 0, 0), act[0], (toks[i], 0), acc, (i, 0), R)
 
 
+def _dot_group_decoded(w, e, g, act, toks, ntok, acc, isa):
+    """As _dot_group_quant, for the decoded layout (the record's scales are applied per block)."""
+    xq, xd, xs = act[1], act[2], act[3]
+    for p in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            i = 0
+            while ntok - i >= TOKENS:
+                decoded_block_dot(isa, w, (e, g, p, b, 0), xq, xd, xs, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]),
+                                  b, acc, i, p)
+                i += TOKENS
+            for j in range(i, ntok):
+                decoded_block_dot(isa, w, (e, g, p, b, 0), xq, xd, xs, (toks[j],), b, acc, j, p)
+
+
 @overload(dot_group)
 def _dot_group_impl(w, e, g, act, toks, ntok, acc, isa):
-    return _dot_group_quant if w.dtype in (types.uint8, types.int8) else _dot_group_float
+    if w.dtype == types.uint32:
+        return _dot_group_decoded
+    return _dot_group_quant if w.dtype in _QUANTISED else _dot_group_float

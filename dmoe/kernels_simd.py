@@ -24,7 +24,7 @@ from numba.extending import intrinsic, models, register_model
 from numba.np.numpy_support import carray
 
 __all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums", "scale_add",
-           "float_rows_dot"]  # fmt: skip
+           "decoded_block_dot", "float_rows_dot"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2 = 0, 1
 _HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
@@ -233,13 +233,14 @@ def _emit_q4_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
     return acc
 
 
-def _emit_q8_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
-    """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums.
-    On AVX2 the signed x signed products go through vpmaddubsw as |w| x (x with w's sign), then
-    vpmaddwd against ones adds the pairs into int32 lanes."""
+def _i8_vectors(builder, avx2: bool, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
+    """Int32 sums of signed weight bytes times signed activation bytes for 8 rows: vectors first ..
+    first + n_vec - 1 of 32 bytes at wptr, vector q holding weights 4q..4q+3 of each row. On AVX2 the products go
+    through vpmaddubsw as |w| x (x with w's sign), then vpmaddwd against ones adds the pairs into int32
+    lanes (|w| <= 127, so no pair saturates). Returns one <8 x i32> per token."""
     acc = [ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs]
     ones = _const_vec(_I16, 1, 16)
-    for q in range(8):
+    for q in range(first, first + n_vec):
         v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * q)
         absv = _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if avx2 else None
         for u, xp in enumerate(xptrs):
@@ -254,6 +255,11 @@ def _emit_q8_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
                 )
             acc[u] = builder.add(acc[u], quads)
     return acc
+
+
+def _emit_q8_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
+    """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums."""
+    return _i8_vectors(builder, avx2, wptr, xptrs, 0, 8)
 
 
 q4_0_isums = _block_dot_intrinsic(Vec(types.int16, 16), _emit_q4_0)
@@ -287,6 +293,59 @@ def scale_add(typingctx, acc, i, p, sums, offset, w, widx, dx):
         return context.get_dummy_value()
 
     return types.void(acc, i, p, sums, offset, w, widx, dx), codegen
+
+
+@intrinsic
+def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p):
+    """One record of the decoded layout (kernels_formats: 8 rows' f16 d and dmin, int8 scales sc and
+    mins m of the two 16-weight halves, then 32 int8 weights per row as 8 vectors) times the Q8_0
+    blocks b of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]:
+        d * xd * (sc0 * isum0 + sc1 * isum1) - dmin * xd * (m0 * xsum0 + m1 * xsum1)
+    with isum the exact int32 sums of q * x of each half and xsum the token's half sums (xs[t, b, 1:3])."""
+    if not (_index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
+        return None
+    if not (isinstance(xrows, types.UniTuple) and isinstance(acc, types.Array) and acc.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        isa_v, w_v, widx_v, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
+        intp = types.intp
+        wptr = _ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v)
+        blk = context.cast(builder, b_v, sig.args[7], intp)
+        rows = [context.cast(builder, r, sig.args[6].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
+        zero = context.get_constant(intp, 0)
+        xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, zero]) for r in rows]
+        _prefetch(builder, wptr, PREFETCH_BYTES, 320)
+
+        def emit(avx2):
+            payload = builder.gep(builder.bitcast(wptr, _I8.as_pointer()), [ir.Constant(_I32, 64)])
+            halves = (_i8_vectors(builder, avx2, payload, xptrs, first, 4) for first in (0, 4))
+            return [v for half in halves for v in half]
+
+        sums = _by_isa(context, builder, isa_v, emit)
+        n = len(rows)
+        f32s, i32s = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8)
+        d = builder.fpext(_load(builder, wptr, ir.VectorType(ir.HalfType(), 8), 0), f32s)
+        dmin = builder.fpext(_load(builder, wptr, ir.VectorType(ir.HalfType(), 8), 16), f32s)
+        i8s = ir.VectorType(_I8, 8)
+        sc0, sc1, m0, m1 = (builder.sext(_load(builder, wptr, i8s, o), i32s) for o in (32, 40, 48, 56))
+        col = builder.mul(context.cast(builder, p_v, sig.args[10], intp), context.get_constant(intp, 8))
+        first = context.cast(builder, i0_v, sig.args[9], intp)
+        for u, r in enumerate(rows):
+            one, two = context.get_constant(intp, 1), context.get_constant(intp, 2)
+            h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, k])), _I32)
+                      for k in (one, two))
+            dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 8)
+            isum = builder.add(builder.mul(sc0, sums[u]), builder.mul(sc1, sums[n + u]))
+            xsum = builder.add(builder.mul(m0, _splat(builder, h0, 8)), builder.mul(m1, _splat(builder, h1, 8)))
+            val = builder.fsub(builder.fmul(d, builder.sitofp(isum, f32s)),
+                               builder.fmul(dmin, builder.sitofp(xsum, f32s)))
+            row = builder.add(first, context.get_constant(intp, u))
+            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[8], acc_v, [row, col]), f32s.as_pointer())
+            builder.store(builder.fadd(builder.load(aptr, align=1), builder.fmul(val, dx)), aptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p), codegen
 
 
 @intrinsic

@@ -181,7 +181,8 @@ class ModelFile:
                 raise ModelFileError(f"tensor {name}: unknown ggml type {type_id}") from None
             if qtype not in quant.SUPPORTED:
                 raise ModelFileError(
-                    f"tensor {name}: type {qtype.name} is not supported (use F32, F16, BF16, Q8_0 or Q4_0)"
+                    f"tensor {name}: type {qtype.name} is not supported (supported: "
+                    f"{', '.join(t.name for t in quant.SUPPORTED)})"
                 )
             shape = tuple(int(n) for n in reversed(ne))
             try:

@@ -22,25 +22,12 @@ from tqdm import tqdm
 
 from dmoe import quant
 from dmoe.config import ARCH, ModelConfig
+from dmoe.mixes import FILE_TYPES, tensor_types
 from dmoe.modelfile import DEFAULT_ALIGNMENT, expected_shapes
 
 # Chunks are either float32 values [..., cols] (quantised here) or the format's bytes
 # uint8 [..., row_bytes] (written as they are); together they cover the tensor in row order.
 ChunkSource = Callable[[str], Iterable[np.ndarray]]
-
-
-def tensor_types(cfg: ModelConfig, qtype: QT) -> dict[str, QT]:
-    """The type of every tensor: norms and the router stay F32 (tiny, and the router's top-k is
-    sensitive); with Q4_0 the output matrix is Q8_0, as llama.cpp keeps it above Q4_0."""
-    types = {}
-    for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
-            types[name] = QT.F32
-        elif name == "output.weight" and qtype == QT.Q4_0:
-            types[name] = QT.Q8_0
-        else:
-            types[name] = qtype
-    return types
 
 
 def _peak_rss_mb() -> float:
@@ -73,21 +60,21 @@ def _atomic_output(path: str) -> Iterator[str]:
 def write_model(
     path: str,
     cfg: ModelConfig,
-    qtype: QT,
+    file_type: str,
     chunks: ChunkSource,
     metadata: dict[str, Any] | None = None,
     tokenizer: Callable[[gguf.GGUFWriter], None] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Write the whole model; `chunks(name)` yields each tensor's data. Returns a summary
-    (bytes, seconds, MB/s, peak RSS in MB)."""
-    types = tensor_types(cfg, qtype)
+    """Write the whole model with the tensor types of `file_type` (mixes.FILE_TYPES); `chunks(name)` yields
+    each tensor's data. Returns a summary (bytes, seconds, MB/s, peak RSS in MB)."""
+    types = tensor_types(cfg, file_type)
     shapes = expected_shapes(cfg)
     t0 = time.perf_counter()
     with _atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_name((metadata or {}).get("general.name", "qwen3moe"))
-        w.add_file_type(int({QT.F32: 0, QT.F16: 1, QT.Q4_0: 2, QT.Q8_0: 7, QT.BF16: 32}[qtype]))
+        w.add_file_type(FILE_TYPES[file_type].ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value in {**cfg.gguf_metadata(), **(metadata or {})}.items():
             if key == "general.name":

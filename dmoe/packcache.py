@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from dmoe import kernels
-from dmoe.kernels import ExpertWeights, Weight, pack_experts, pack_weight
+from dmoe.kernels import ExpertWeights, Weight, pack_experts, pack_weight, packed_format
 
 MAGIC = b"DMOEPACK"
 ALIGN = 64
@@ -39,11 +39,17 @@ def default_dir() -> str:
     return os.path.join(base, "dmoe")
 
 
+LAYOUT_VERSION = 2  # bump on any change of what a packed array holds that the sources below may not show
+# Everything that decides what a rank's packed arrays hold: the layouts and repacking (kernels*), the block
+# decoding (blocks, quant), which bytes each rank takes (plan, weights) and the cache's own format.
+_LAYOUT_SOURCES = ("blocks.py", "quant.py", "plan.py", "weights.py", "packcache.py")
+
+
 def _layout_version() -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(LAYOUT_VERSION).encode())
     folder = os.path.dirname(kernels.__file__)
     for name in sorted(os.listdir(folder)):
-        if name.startswith("kernels") and name.endswith(".py"):
+        if (name.startswith("kernels") and name.endswith(".py")) or name in _LAYOUT_SOURCES:
             with open(os.path.join(folder, name), "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:16]
@@ -115,20 +121,23 @@ class PackStore:
         with contextlib.suppress(OSError):
             os.remove(path)
 
-    def weight(self, parts: list[np.ndarray], qtype: QT, cols: int) -> Weight:
-        rows = sum(p.shape[0] for p in parts)
+    def weight(self, parts: list[np.ndarray], qtypes: list[QT], cols: int, col0: int = 0) -> Weight:
+        """As kernels.pack_weight, or its packed array from the cache."""
+        rows, fmt = sum(p.shape[0] for p in parts), packed_format(qtypes)
         if self.mode == "read":
-            return Weight(rows, cols, qtype, self._take(1, rows, cols, qtype))
-        return self._save(pack_weight(parts, qtype, cols))
+            return Weight(rows, cols, fmt, self._take(1, rows, cols, fmt))
+        return self._save(pack_weight(parts, qtypes, cols, col0))
 
-    def experts(self, raw: np.ndarray, qtype: QT, cols: int) -> ExpertWeights:
+    def experts(self, raw: np.ndarray, qtype: QT, cols: int, col0: int = 0) -> ExpertWeights:
+        """As kernels.pack_experts, or its packed array from the cache."""
         if self.mode == "read":
-            return ExpertWeights(raw.shape[0], raw.shape[1], cols, qtype,
-                                 self._take(raw.shape[0], raw.shape[1], cols, qtype))
-        return self._save(pack_experts(raw, qtype, cols))
+            fmt = packed_format([qtype])
+            n, rows = raw.shape[:2]
+            return ExpertWeights(n, rows, cols, fmt, self._take(n, rows, cols, fmt))
+        return self._save(pack_experts(raw, qtype, cols, col0))
 
-    def _take(self, n: int, rows: int, cols: int, qtype: QT) -> np.ndarray:
-        shape, dtype = ExpertWeights.layout(n, rows, cols, qtype)
+    def _take(self, n: int, rows: int, cols: int, fmt: str) -> np.ndarray:
+        shape, dtype = ExpertWeights.layout(n, rows, cols, fmt)
         if self._next >= len(self._entries):
             raise StaleCacheError(f"{self.path}: fewer arrays than the model needs")
         offset, saved_shape, saved_dtype = self._entries[self._next]
@@ -173,7 +182,7 @@ class PackStore:
             report(f"saved the packed weights to {self.path} ({size / 1e9:.2f} GB) for faster starts")
             self._open_for_reading()
             for w in self._packed:  # one copy in memory: the file's pages replace the freshly packed arrays
-                w.data = self._take(w.n_experts, w.rows, w.cols, w.qtype)
+                w.data = self._take(w.n_experts, w.rows, w.cols, w.fmt)
             self._packed.clear()
         except OSError as e:
             self._abandon(f"cannot write the pack cache {self.path}: {e}")

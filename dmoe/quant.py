@@ -1,4 +1,5 @@
-"""ggml block formats: quantise (parallel numba, for the converter) and dequantise (numpy).
+"""ggml formats: row sizes, quantise (parallel numba, for the converter) and dequantise (every type
+blocks.py decodes, in parallel numba).
 
 Q4_0: 32 weights in 18 bytes: f16 scale d, 16 bytes of nibbles (low nibbles weights 0-15,
 high nibbles 16-31), value = (q - 8) * d.  Q8_0: f16 scale d + 32 int8, value = q * d.
@@ -12,10 +13,11 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from dmoe.blocks import BLOCK_BYTES, BLOCK_WEIGHTS, DECODED, SUB, decode, f16_to_f32
+
 BLOCK = 32
-BLOCK_BYTES = {QT.Q4_0: 18, QT.Q8_0: 34}
 ELEMENT_BYTES = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}
-SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0)
+SUPPORTED = (*ELEMENT_BYTES, *DECODED)
 BY_NAME = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q80": QT.Q8_0, "q40": QT.Q4_0}
 
 _F8_5 = np.float32(8.5)
@@ -29,9 +31,11 @@ _F0 = np.float32(0.0)
 def row_bytes(qtype: QT, cols: int) -> int:
     """Bytes of one row of `cols` weights."""
     if qtype in BLOCK_BYTES:
-        if cols % BLOCK:
-            raise ValueError(f"{qtype.name} needs rows that are a multiple of {BLOCK}, got {cols}")
-        return cols // BLOCK * BLOCK_BYTES[qtype]
+        if cols % BLOCK_WEIGHTS[qtype]:
+            raise ValueError(f"{qtype.name} needs rows that are a multiple of {BLOCK_WEIGHTS[qtype]}, got {cols}")
+        return cols // BLOCK_WEIGHTS[qtype] * BLOCK_BYTES[qtype]
+    if qtype not in ELEMENT_BYTES:
+        raise ValueError(f"type {qtype.name} is not supported")
     return cols * ELEMENT_BYTES[qtype]
 
 
@@ -134,11 +138,21 @@ def dequantize(raw: np.ndarray, qtype: QT, cols: int) -> np.ndarray:
         vals = raw.view(dtype)
         out = bf16_to_f32(vals) if qtype == QT.BF16 else vals.astype(np.float32)
         return out.reshape(*lead, cols)
-    blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [n, 1]
-    if qtype == QT.Q8_0:
-        q = blocks[:, 2:].view(np.int8).astype(np.float32)
-    else:
-        nib = blocks[:, 2:]
-        q = np.concatenate([nib & 0x0F, nib >> 4], axis=1).astype(np.float32) - 8.0
-    return (q * d).reshape(*lead, cols)
+    rows = raw.reshape(-1, raw.shape[-1])
+    out = np.empty((rows.shape[0], cols), np.float32)
+    _dequantize_rows(int(qtype), rows, out)
+    return out.reshape(*lead, cols)
+
+
+@numba.njit(parallel=True, cache=True)
+def _dequantize_rows(qt: int, raw: np.ndarray, out: np.ndarray) -> None:
+    """Rows of ggml blocks of type qt -> float32 rows: value = (d * sc) * q - dmin * m, as ggml."""
+    for r in numba.prange(raw.shape[0]):
+        q = np.empty(SUB, np.int8)
+        for b in range(out.shape[1] // SUB):
+            d, dmin, sc0, sc1, m0, m1 = decode(qt, raw[r], b, q)
+            df, mf = f16_to_f32(d), f16_to_f32(dmin)
+            for half, sc, m in ((0, sc0, m0), (1, sc1, m1)):
+                dl, ml = df * np.float32(sc), mf * np.float32(m)
+                for i in range(16 * half, 16 * half + 16):
+                    out[r, SUB * b + i] = dl * np.float32(q[i]) - ml

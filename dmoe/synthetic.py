@@ -3,7 +3,8 @@
 For benchmarks at full size (Qwen3-30B-A3B is 17 GB in Q4_0) without a real checkpoint.
 Quantised tensors are random bytes with scales fixed so weights have a std of about 0.02
 (the HF initialiser's), which keeps activations finite through every layer; no float
-tensor is ever materialised for them, which is what makes this fast.
+tensor is ever materialised for them, which is what makes this fast. `--type` takes our file
+types and llama.cpp's (`q4_k_m`, `iq4_xs`, ...: mixes.py), so hub-like files can be benchmarked.
 
     python -m dmoe.synthetic configs/qwen3-30b-a3b.json --type q40 -o models/synth-30b-a3b-q40.m
 """
@@ -20,9 +21,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from dmoe import quant
+from dmoe.blocks import random_blocks
 from dmoe.config import ConfigError, ModelConfig
+from dmoe.mixes import FILE_TYPES, tensor_types
 from dmoe.modelfile import expected_shapes
-from dmoe.modelwriter import tensor_types, write_model
+from dmoe.modelwriter import write_model
 
 WEIGHT_STD = 0.02
 CHUNK_BYTES = 64 << 20
@@ -43,8 +46,15 @@ def _map_bytes(data: np.ndarray, table: np.ndarray) -> None:
         data[i] = table[data[i]]
 
 
+def _block_scale(qtype: QT) -> float:
+    """random_blocks' `scale` that gives weights of std WEIGHT_STD in this type (measured on a sample)."""
+    sample = random_blocks(qtype, 64, 256 * 4, np.random.default_rng(0), 1.0)
+    return WEIGHT_STD / float(quant.dequantize(sample, qtype, 256 * 4).std())
+
+
 def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, is_norm: bool) -> Iterator[np.ndarray]:
-    """A tensor's data in row chunks of about CHUNK_BYTES: random bytes for Q4_0/Q8_0, values otherwise."""
+    """A tensor's data in row chunks of about CHUNK_BYTES: random blocks for the block types, values otherwise.
+    (Q4_0 and Q8_0 with zero-mean payloads; the other types' random payloads keep their format's bias.)"""
     cols = shape[-1]
     rows = int(np.prod(shape[:-1]))
     if is_norm:
@@ -60,15 +70,17 @@ def random_chunks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, i
             data = data.reshape(n, rb // quant.BLOCK_BYTES[qtype], -1)
             data[:, :, :2] = np.array([_SCALE[qtype]]).view(np.uint8)
             yield data.reshape(n, rb)
+        elif qtype in quant.BLOCK_BYTES:
+            yield random_blocks(qtype, n, cols, rng, _block_scale(qtype))
         else:
             yield (rng.standard_normal((n, cols), np.float32) * np.float32(WEIGHT_STD))
 
 
-def write_synthetic(cfg: ModelConfig, qtype: QT, path: str, seed: int = 0, progress: bool = True,
+def write_synthetic(cfg: ModelConfig, file_type: str, path: str, seed: int = 0, progress: bool = True,
                     tokenizer_json: str | None = None, chat_template: str | None = None) -> dict[str, float]:
-    """Write a random model of `cfg`'s shapes; returns the writer's summary."""
+    """Write a random model of `cfg`'s shapes and `file_type`'s tensor types; returns the writer's summary."""
     rng = np.random.default_rng(seed)
-    types = tensor_types(cfg, qtype)
+    types = tensor_types(cfg, file_type)
     shapes = expected_shapes(cfg)
     tokenizer = None
     if tokenizer_json is not None:
@@ -78,7 +90,7 @@ def write_synthetic(cfg: ModelConfig, qtype: QT, path: str, seed: int = 0, progr
             write_tokenizer_metadata(w, tokenizer_json, chat_template, None, vocab_size=cfg.vocab_size)
 
     return write_model(
-        path, cfg, qtype, lambda name: random_chunks(shapes[name], types[name], rng, len(shapes[name]) == 1),
+        path, cfg, file_type, lambda name: random_chunks(shapes[name], types[name], rng, len(shapes[name]) == 1),
         metadata={"general.name": "synthetic"}, tokenizer=tokenizer, progress=progress,
     )
 
@@ -86,7 +98,7 @@ def write_synthetic(cfg: ModelConfig, qtype: QT, path: str, seed: int = 0, progr
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a random-weight .m file with a config's exact shapes.")
     p.add_argument("config", help="a HF config.json (see configs/)")
-    p.add_argument("--type", default="q40", choices=sorted(quant.BY_NAME), help="weight type")
+    p.add_argument("--type", default="q40", choices=list(FILE_TYPES), help="file type: ours or llama.cpp's mixes")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--layers", type=int, help="keep only this many layers (for quick runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from dmoe.qwen_tokenizer import build_qwen3_tokenizer_json, qwen3_chat_template
 
         tok_json, template = build_qwen3_tokenizer_json(), qwen3_chat_template()
-    s = write_synthetic(cfg, quant.BY_NAME[args.type], args.output, args.seed, tokenizer_json=tok_json,
+    s = write_synthetic(cfg, args.type, args.output, args.seed, tokenizer_json=tok_json,
                         chat_template=template)
     print(f"wrote {args.output}: {s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
           f"peak RSS {s['peak_rss_mb']:.0f} MB")

@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from dmoe import quant
-from dmoe.kernels import ExpertWeights, Weight
+from dmoe.kernels import ExpertWeights, Weight, packed_format
+from dmoe.kernels_formats import QK
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore
 from dmoe.plan import RankShard
@@ -44,17 +45,14 @@ class ModelWeights:
     embedding_type: QT
 
 
-def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tuple[np.ndarray, QT]:
-    """Columns [c0, c1) of every row of raw [..., row_bytes]: a zero-copy view when the cut falls on
-    block boundaries, else the slice dequantised to F32 (small heads with Q4_0/Q8_0 weights)."""
-    if qtype in quant.ELEMENT_BYTES:
-        eb = quant.ELEMENT_BYTES[qtype]
-        return raw[..., c0 * eb:c1 * eb], qtype
-    if c0 % quant.BLOCK == 0 and c1 % quant.BLOCK == 0:
-        bb = quant.BLOCK_BYTES[qtype]
-        return raw[..., c0 // quant.BLOCK * bb:c1 // quant.BLOCK * bb], qtype
+def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tuple[np.ndarray, QT, int]:
+    """Columns [c0, c1) of every row of raw [..., row_bytes] as (rows, type, first column to take from
+    them): the rows themselves where the kernels can start at c0 (float rows, or a cut at a 32-column
+    block boundary), else the slice dequantised to F32 (small heads that split a block)."""
+    if qtype in quant.ELEMENT_BYTES or (c0 % QK == 0 and c1 % QK == 0):
+        return raw, qtype, c0
     vals = np.ascontiguousarray(quant.dequantize(raw, qtype, cols)[..., c0:c1])
-    return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32
+    return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32, 0
 
 
 def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, store: PackStore, progress: bool = False
@@ -67,7 +65,7 @@ def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, store: PackStor
     out_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
     v0, v1 = shard.vocab
     t = mf.tensors[out_name]
-    output = store.weight([mf.raw(out_name)[v0:v1]], t.qtype, cfg.hidden_size) if v1 > v0 else None
+    output = store.weight([mf.raw(out_name)[v0:v1]], [t.qtype], cfg.hidden_size) if v1 > v0 else None
     if not cfg.tie_word_embeddings:
         _release(mf, store, [out_name])
     return ModelWeights(layers, mf.dequantize("output_norm.weight"), output, mf.raw("token_embd.weight"),
@@ -90,25 +88,26 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         (qa, qb), (ka, kb) = shard.q_heads, shard.kv_heads
         parts = [mf.raw(b + "attn_q.weight")[qa * D:qb * D], mf.raw(b + "attn_k.weight")[ka * D:kb * D],
                  mf.raw(b + "attn_v.weight")[ka * D:kb * D]]
-        types = {mf.tensors[b + n].qtype for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")}
-        if len(types) == 1:
-            qkv = store.weight(parts, types.pop(), d)
-        else:  # mixed types (files from elsewhere): unify as F32
-            f32 = [quant.dequantize(p, mf.tensors[b + n].qtype, d).view(np.uint8)
-                   for p, n in zip(parts, ("attn_q.weight", "attn_k.weight", "attn_v.weight"), strict=True)]
-            qkv = store.weight(f32, QT.F32, d)
+        types = [mf.tensors[b + n].qtype for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")]
+        try:
+            packed_format(types)  # block types of any mix share the decoded layout
+        except ValueError:  # float rows mixed with others: unify as F32
+            parts = [quant.dequantize(p, t, d).view(np.uint8) for p, t in zip(parts, types, strict=True)]
+            types = [QT.F32] * 3
+        qkv = store.weight(parts, types, d)
         t = mf.tensors[b + "attn_output.weight"]
-        raw, qt = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
-        o = store.weight([raw], qt, (qb - qa) * D)
+        raw, qt, c0 = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
+        o = store.weight([raw], [qt], (qb - qa) * D, c0)
     if is_root:
-        router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], mf.tensors[b + "ffn_gate_inp.weight"].qtype, d)
+        router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], [mf.tensors[b + "ffn_gate_inp.weight"].qtype], d)
     (e0, e1), (f0, f1) = shard.experts, shard.ffn
     if e1 > e0 and f1 > f0:
         gate, up = (store.experts(mf.raw(b + n)[e0:e1, f0:f1], mf.tensors[b + n].qtype, d)
                     for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
         t = mf.tensors[b + "ffn_down_exps.weight"]
-        raw, qt = column_slice(mf.raw(b + "ffn_down_exps.weight")[e0:e1], t.qtype, cfg.moe_intermediate_size, f0, f1)
-        down = store.experts(raw, qt, f1 - f0)
+        raw, qt, c0 = column_slice(mf.raw(b + "ffn_down_exps.weight")[e0:e1], t.qtype, cfg.moe_intermediate_size,
+                                   f0, f1)
+        down = store.experts(raw, qt, f1 - f0, c0)
     _release(mf, store, [f"{b}{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps",
                                                       "ffn_up_exps", "ffn_down_exps")])
     return LayerWeights(

@@ -53,10 +53,25 @@ def model_file(hf_checkpoint: Callable[[str], str], tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture(scope="session")
+def mix_file(hf_checkpoint: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """mix_file(file_type) -> checkpoint k written with llama.cpp's tensor types of that file type."""
+    from hf_models import write_mix_file
+
+    made: dict[str, str] = {}
+
+    def get(file_type: str) -> str:
+        if file_type not in made:
+            made[file_type] = write_mix_file(hf_checkpoint("k"), file_type,
+                                             str(tmp_path_factory.mktemp(f"mix-{file_type}") / "model.m"))
+        return made[file_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def text_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     """text_model(chat_template=None) -> a tiny random Q8_0 model with Qwen3's real tokenizer and chat template
     (or the given one): random tokens, but real text, templates and stop tokens, for protocol tests."""
-    from gguf import GGMLQuantizationType as QT
 
     from dmoe.config import ModelConfig
     from dmoe.qwen_tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer_json, qwen3_chat_template
@@ -71,7 +86,7 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
                               num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
                               num_experts_per_tok=2)
             path = str(tmp_path_factory.mktemp("text-model") / "tiny-qwen3.m")
-            write_synthetic(cfg, QT.Q8_0, path, progress=False, tokenizer_json=build_qwen3_tokenizer_json(),
+            write_synthetic(cfg, "q80", path, progress=False, tokenizer_json=build_qwen3_tokenizer_json(),
                             chat_template=template)
             made[template] = path
         return made[template]
@@ -82,7 +97,6 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
 @pytest.fixture(scope="session")
 def long_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small model with a long context, so that a generation runs long enough to be interrupted."""
-    from gguf import GGMLQuantizationType as QT
 
     from dmoe.config import ModelConfig
     from dmoe.synthetic import write_synthetic
@@ -91,5 +105,5 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> str:
                       num_key_value_heads=2, head_dim=32, moe_intermediate_size=64, num_experts=8,
                       num_experts_per_tok=2, max_position_embeddings=1 << 20)
     path = str(tmp_path_factory.mktemp("long") / "long.m")
-    write_synthetic(cfg, QT.Q8_0, path, progress=False)
+    write_synthetic(cfg, "q80", path, progress=False)
     return path

@@ -67,6 +67,15 @@ def test_info(text_model) -> None:
         assert line in r.stdout
 
 
+def test_info_shows_the_mix(mix_file) -> None:
+    """A Q4_K_M file of 2 layers: llama.cpp raises attn_v and ffn_down of layer 1 (the last eighth) to Q6_K."""
+    r = launch("info", "--model", mix_file("q4_k_m"))
+    assert r.returncode == 0, r.stderr
+    for line in ("file type       Q4_K_M", "  output          Q6_K", "  attn_v          Q4_K x1, Q6_K x1",
+                 "  ffn_down_exps   Q4_K x1, Q6_K x1", "  ffn_gate_inp    F32 x2", "  token_embd      Q4_K"):
+        assert line in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--model", "/no/such.m", "--prompt-ids", "1"], 1, "/no/such.m: no such file"),
     (["--prompt-ids", "1", "--top-p", "2"], 2, "top_p"),

@@ -48,3 +48,16 @@ def test_world_sizes_agree(name: str, n: int, moe_split: str, model_file, single
     scale = np.abs(ref["logits"]).max()
     assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * scale
     assert got["greedy"].tolist() == ref["greedy"].tolist()
+
+
+@pytest.mark.parametrize("n,moe_split", [(2, "ffn"), (3, "ffn"), (3, "experts")])
+def test_world_sizes_agree_on_a_q4_k_m_file(n: int, moe_split: str, mix_file, tmp_path) -> None:
+    """A hub-style K-quant mix: at 3 ranks each rank's slice of ffn_down's 512 columns (160, 160, 192) cuts
+    through 256-weight super-blocks. Quantised activations may round differently where float sums differ
+    in their last bits, so logits agree to 1e-3 of their scale; the greedy tokens exactly."""
+    path = mix_file("q4_k_m")
+    ref = run_ranks(1, path, "ffn", str(tmp_path / "one.npz"))
+    got = run_ranks(n, path, moe_split, str(tmp_path / "r.npz"))
+    scale = np.abs(ref["logits"]).max()
+    assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-3 * scale
+    assert got["greedy"].tolist() == ref["greedy"].tolist()

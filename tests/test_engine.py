@@ -63,6 +63,22 @@ def test_other_types_match_reference_on_dequantised_weights(name: str, qtype: st
         assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.75
 
 
+# The hub's files: llama.cpp's tensor mixes (K-quants with Q6_K output and more-bits layers, IQ4, the legacy
+# 32-weight types), on config k, whose widths take 256-weight super-blocks. Same bounds as Q4_0 above.
+@pytest.mark.parametrize("file_type", ["q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "q4_0", "q3_k_m", "q2_k", "q4_k_s",
+                                       "q5_0", "q4_1", "q5_1", "iq4_nl"])
+def test_hub_mixes_match_reference_on_dequantised_weights(file_type: str, hf_checkpoint, mix_file) -> None:
+    path = mix_file(file_type)
+    eng = Engine.load(path, max_seq_len=128, kv_type="f32", nthreads=2)
+    ids = _ids(eng.config.vocab_size)
+    ours = eng.forward(ids, all_logits=True)
+    ref = reference_logits(reference_on_file_weights(hf_checkpoint("k"), path), ids)
+    per_position = np.abs(ours - ref).max(axis=1) / np.abs(ref).max()
+    assert np.median(per_position) <= 0.04
+    assert np.quantile(per_position, 0.8) <= 0.06
+    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
 @pytest.mark.parametrize("name", ["b", "d"])
 def test_decode_through_cache_equals_one_pass(name: str, model_file) -> None:
     eng = Engine.load(model_file(name, "f32"), max_seq_len=64, kv_type="f32", nthreads=2)

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-from gguf import GGMLQuantizationType as QT
-
 from dmoe.config import ModelConfig
 from dmoe.synthetic import write_synthetic
 
@@ -92,7 +90,7 @@ def test_worker_out_of_memory(tmp_path) -> None:
                       num_key_value_heads=4, head_dim=128, moe_intermediate_size=32, num_experts=4,
                       num_experts_per_tok=2, max_position_embeddings=1 << 20)
     model = str(tmp_path / "wide-kv.m")
-    write_synthetic(cfg, QT.Q8_0, model, progress=False)
+    write_synthetic(cfg, "q80", model, progress=False)
     args = ["--model", model, "--prompt-ids", "1,2", "--steps", "4", "--max-seq-len", str(1 << 20), "--kv-type", "f32"]
     limited = ["bash", "-c", 'ulimit -v 3000000 && exec "$@"', "rank1", *LAUNCH, *args]
     r = _mpmd([*LAUNCH, *args], limited)

@@ -20,10 +20,12 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
+from dmoe.blocks import DECODED, random_blocks
 from dmoe.kernels import ISA_AVX2, ISA_GENERIC, moe_forward, pack_experts, pack_weight
 from dmoe.kernels_simd import HOST_ISA
 
-QUANTISED = {QT.Q4_0, QT.Q8_0}
+DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the types packed into the decoded layout
+QUANTISED = {QT.Q4_0, QT.Q8_0, *DECODED_TYPES}
 # Every format; the quantised ones with each micro-kernel lowering this CPU runs (the portable
 # generic one always). The ISA does not matter to the float formats.
 ISAS = [ISA_GENERIC] + ([ISA_AVX2] if HOST_ISA == ISA_AVX2 else [])
@@ -82,8 +84,8 @@ def check_matmul(out: np.ndarray, w: np.ndarray, x: np.ndarray, qtype: QT) -> No
 def test_matmul(qtype: QT, rows: int, cols: int, n_tok: int) -> None:
     rng = np.random.default_rng(rows * cols + n_tok)
     raw = make_raw(rng.standard_normal((rows, cols)), qtype)
-    w = pack_weight([raw[: rows // 3], raw[rows // 3 :]], qtype, cols)
-    assert (w.rows, w.cols, w.qtype) == (rows, cols, qtype)
+    w = pack_weight([raw[: rows // 3], raw[rows // 3 :]], [qtype] * 2, cols)
+    assert (w.rows, w.cols, w.fmt) == (rows, cols, qtype.name)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     out = np.full((n_tok, rows), np.nan, np.float32)
     w.matmul(x, out)
@@ -100,7 +102,7 @@ def test_pack_weight_from_sliced_views(qtype: QT) -> None:
     b0, b1 = (c * full.shape[1] // 256 for c in (64, 192))  # bytes of columns 64..191: block-aligned
     cols = 128
     parts = [full[5:30, b0:b1], full[50:83:2, b0:b1]]
-    w = pack_weight(parts, qtype, cols)
+    w = pack_weight(parts, [qtype] * 2, cols)
     dense = np.concatenate([twin(p, qtype) for p in parts])
     x = rng.standard_normal((2, cols)).astype(np.float32)
     out = np.zeros((2, w.rows), np.float32)
@@ -169,9 +171,11 @@ def test_pack_experts_from_sliced_view(qtype: QT) -> None:
 def test_rejects_bad_shapes() -> None:
     raw = make_raw(np.ones((4, 64)), QT.Q4_0)
     with pytest.raises(ValueError, match="cols divisible by 32"):
-        pack_weight([raw], QT.Q4_0, 48)
-    with pytest.raises(ValueError, match="uint8"):
-        pack_weight([raw[:, :18]], QT.Q4_0, 64)
+        pack_weight([raw], [QT.Q4_0], 48)
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_weight([raw[:, :18]], [QT.Q4_0], 64)
+    with pytest.raises(ValueError, match="whole blocks"):
+        pack_weight([raw[:, :20]], [QT.Q4_0], 32)
 
 
 def test_moe_forward_same_with_any_thread_count() -> None:
@@ -199,8 +203,70 @@ def test_float_weights_take_any_width(qtype: QT) -> None:
     """Float rows need no blocks: 45 columns, 7 rows."""
     rng = np.random.default_rng(4)
     raw = make_raw(rng.standard_normal((7, 45)), qtype)
-    w = pack_weight([raw], qtype, 45)
+    w = pack_weight([raw], [qtype], 45)
     x = rng.standard_normal((3, 45)).astype(np.float32)
     out = np.zeros((3, 7), np.float32)
     w.matmul(x, out)
     check_matmul(out, twin(raw, qtype), x, qtype)
+
+
+@pytest.fixture(params=[(q, isa) for q in DECODED_TYPES for isa in ISAS],
+                ids=lambda c: f"{c[0].name}-{'avx2' if c[1] == ISA_AVX2 else 'generic'}")
+def decoded_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
+    """A type the kernels take through the decoded layout, with the case's ISA for the test's duration."""
+    qt, isa = request.param
+    kernels.set_isa(isa)
+    yield qt
+    kernels.set_isa(HOST_ISA)
+
+
+@pytest.mark.parametrize(("col0", "cols", "n_tok"), [(0, 512, 1), (0, 512, 6), (64, 256, 3), (480, 32, 1)])
+def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> None:
+    """Random blocks (every payload bit pattern, and the scales and mins of the format), taken from any
+    32-aligned column inside a 256-weight super-block, as a rank's slice of ffn_down is."""
+    rng = np.random.default_rng(int(decoded_type) * 100 + col0 + n_tok)
+    raw = random_blocks(decoded_type, 45, 512, rng)
+    w = pack_weight([raw[:20], raw[20:]], [decoded_type] * 2, cols, col0)
+    assert w.fmt == "decoded"
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    out = np.full((n_tok, 45), np.nan, np.float32)
+    w.matmul(x, out)
+    check_matmul(out, twin(raw, decoded_type)[:, col0:col0 + cols], x, decoded_type)
+
+
+def test_mixed_types_share_the_decoded_layout() -> None:
+    """q, k and v of a K-quant mix (Q4_K, Q6_K, Q8_0 rows) packed into one matrix."""
+    rng = np.random.default_rng(5)
+    types = [QT.Q4_K, QT.Q6_K, QT.Q8_0]
+    raws = [random_blocks(t, n, 256, rng) for t, n in zip(types, (40, 8, 8), strict=True)]
+    w = pack_weight(raws, types, 256)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    out = np.zeros((2, 56), np.float32)
+    w.matmul(x, out)
+    dense = np.concatenate([twin(r, t) for r, t in zip(raws, types, strict=True)])
+    check_matmul(out, dense, x, QT.Q4_K)
+
+
+@pytest.mark.parametrize(("f0", "f1", "n_tok"), [(0, 256, 1), (96, 224, 9)])
+def test_decoded_moe_forward(decoded_type: QT, f0: int, f1: int, n_tok: int) -> None:
+    """An FFN slice [f0, f1) of every expert, as --moe-split ffn gives a rank: gate/up rows, down columns."""
+    n_exp, d, ff, k = 4, 256, 256, 2
+    rng = np.random.default_rng(int(decoded_type) + n_tok)
+    full = [random_blocks(decoded_type, n_exp * r, c, rng).reshape(n_exp, r, -1)
+            for r, c in ((ff, d), (ff, d), (d, ff))]
+    gate, up = (pack_experts(f[:, f0:f1], decoded_type, d) for f in full[:2])
+    down = pack_experts(full[2], decoded_type, f1 - f0, f0)
+    w_rms = np.sqrt(np.mean(twin(full[0].reshape(n_exp * ff, -1), decoded_type) ** 2))
+    h = (rng.standard_normal((n_tok, d)) / (w_rms * np.sqrt(d))).astype(np.float32)  # gate . h of order 1
+    ids = np.stack([rng.choice(n_exp, k, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    weights = rng.random((n_tok, k)).astype(np.float32)
+    out = np.full((n_tok, d), np.nan, np.float32)
+    moe_forward(gate, up, down, h, ids, weights, out)
+    down_cols = twin(full[2].reshape(n_exp * d, -1), decoded_type)[:, f0:f1].reshape(n_exp, d, f1 - f0)
+    ws = [twin(f[:, f0:f1].reshape(n_exp * (f1 - f0), -1), decoded_type).reshape(n_exp, f1 - f0, d)
+          for f in full[:2]]
+    exact = moe_twin(*ws, down_cols, h.astype(np.float64), ids, weights, rounded=False)
+    rounded = moe_twin(*ws, down_cols, h.astype(np.float64), ids, weights, rounded=True)
+    scale_out = np.abs(exact).max()
+    assert np.abs(out - rounded).max() <= 1e-3 * scale_out, np.abs(out - rounded).max() / scale_out
+    assert np.abs(out - exact).max() <= 3e-2 * scale_out

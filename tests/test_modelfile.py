@@ -197,7 +197,8 @@ def test_truncated_file_is_refused(tmp_path, cut: str) -> None:
 
 @pytest.mark.parametrize("case,message", [
     ("magic", "not a GGUF"), ("arch", "architecture is 'llama'"), ("missing", "missing tensor blk.0.attn_k.weight"),
-    ("shape", "blk.0.ffn_norm.weight has shape"), ("type", "Q4_K is not supported"), ("nofile", "no such file"),
+    ("shape", "blk.0.ffn_norm.weight has shape"), ("nofile", "no such file"),
+    ("type", r"tensor blk.0.attn_q.weight: type IQ2_XXS is not supported \(supported: F32, F16, BF16, Q4_0, .*Q6_K"),
 ])
 def test_bad_files_are_refused(tmp_path, case: str, message: str) -> None:
     path = str(tmp_path / "bad.gguf")
@@ -214,7 +215,7 @@ def test_bad_files_are_refused(tmp_path, case: str, message: str) -> None:
         raw = bytearray(Path(path).read_bytes())
         name = b"blk.0.attn_q.weight"
         i = raw.index(name) + len(name)  # then: n_dims u32, 2 x u64 dims, type u32
-        raw[i + 4 + 16:i + 4 + 16 + 4] = int(QT.Q4_K).to_bytes(4, "little")
+        raw[i + 4 + 16:i + 4 + 16 + 4] = int(QT.IQ2_XXS).to_bytes(4, "little")
         Path(path).write_bytes(bytes(raw))
     else:
         path = str(tmp_path / "absent.m")
