@@ -34,12 +34,15 @@ from .kernels_formats import (
     DECODED_RECORD,
     QK,
     QUANT_LAYOUT,
+    SUPER_FORMATS,
     R,
     dot_group,
     prepare,
     repack_decoded,
     repack_float,
     repack_quant,
+    repack_super,
+    super_geometry,
 )
 from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, stack_array
 
@@ -60,6 +63,7 @@ _ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
 
 _QUANT = {name: (np.dtype(dtype), *geometry) for dtype, (name, *geometry) in QUANT_LAYOUT.items()}
 _FLOAT = {"F32": (np.float32, np.uint32), "F16": (np.uint16, np.uint16), "BF16": (np.int16, np.uint16)}
+_SUPER = {name: dtype for dtype, (name, *_) in SUPER_FORMATS.items()}  # type name -> storage dtype
 DECODED_FORMAT = "decoded"  # the layout of every block type without one of its own
 
 
@@ -67,7 +71,7 @@ def packed_format(qtypes: Sequence[QT]) -> str:
     """The layout a matrix whose row ranges come in these ggml types is packed into: a type's own (Q4_0,
     Q8_0, F32, F16, BF16), else the decoded layout, which also holds rows of mixed block types."""
     names = {QT(t).name for t in qtypes}
-    if len(names) == 1 and (names <= _QUANT.keys() or names <= _FLOAT.keys()):
+    if len(names) == 1 and (names <= _QUANT.keys() or names <= _FLOAT.keys() or names <= _SUPER.keys()):
         return names.pop()
     if all(QT(t) in DECODED for t in qtypes):
         return DECODED_FORMAT
@@ -94,10 +98,13 @@ def set_isa(isa: int) -> None:
 class ExpertWeights:
     """E matrices [rows, cols] repacked for the kernels (E = 1 for a plain `Weight`), in layout `fmt`."""
 
-    def __init__(self, n_experts: int, rows: int, cols: int, fmt: str, data: np.ndarray | None = None) -> None:
-        """data: an already packed array of exactly this layout (e.g. mapped from a pack cache), used as is."""
-        self.n_experts, self.rows, self.cols, self.fmt = n_experts, rows, cols, fmt
-        shape, dtype = self.layout(n_experts, rows, cols, fmt)
+    def __init__(self, n_experts: int, rows: int, cols: int, fmt: str, data: np.ndarray | None = None,
+                 col0: int = 0) -> None:
+        """data: an already packed array of exactly this layout (e.g. mapped from a pack cache), used as is.
+        col0: the first column taken from the file's rows (the super-block layouts start at its record)."""
+        self.n_experts, self.rows, self.cols, self.fmt, self.col0 = n_experts, rows, cols, fmt, col0
+        self.lead = col0 % 256 // QK if fmt in _SUPER else 0  # blocks of the first record before column col0
+        shape, dtype = self.layout(n_experts, rows, cols, fmt, col0)
         if data is None:
             data = np.zeros(shape, dtype)
         elif data.shape != shape or data.dtype != dtype:
@@ -106,9 +113,15 @@ class ExpertWeights:
         self.quantised = fmt not in _FLOAT
 
     @staticmethod
-    def layout(n_experts: int, rows: int, cols: int, fmt: str) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of the packed array of E matrices [rows, cols]."""
+    def layout(n_experts: int, rows: int, cols: int, fmt: str, col0: int = 0) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of the packed array of E matrices [rows, cols] (columns col0.. of the file's)."""
         groups = -(-rows // R)
+        if fmt in _SUPER:
+            if cols % QK or col0 % QK:
+                raise ValueError(f"{fmt} weights need 32-aligned columns, got {col0}..{col0 + cols}")
+            records = -(-(col0 % 256 + cols) // 256)
+            dtype = np.dtype(_SUPER[fmt])
+            return (n_experts, groups, R // 8, records, super_geometry(dtype.name)[-1] // dtype.itemsize), dtype
         if fmt in _FLOAT:
             return (n_experts, groups, cols, R), np.dtype(_FLOAT[fmt][0])  # [E, G, cols, R]
         if fmt not in _QUANT and fmt != DECODED_FORMAT:
@@ -134,6 +147,16 @@ class ExpertWeights:
         if self.fmt == DECODED_FORMAT:
             repack_decoded(raw, int(qtype), col0 // QK, row0, self.data.view(np.uint8))
             return
+        if self.fmt in _SUPER:
+            if self.fmt != qtype.name:
+                raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
+            dtype = self.data.dtype.name
+            _, bits, per16, has_min, lut, offset = SUPER_FORMATS[dtype]
+            header, dmin, sc, m, block, _ = super_geometry(dtype)
+            geometry = (bits, int(per16), int(has_min), int(lut), offset, header, dmin, sc, m, block)
+            data = self.data.view(np.uint8).reshape(*self.data.shape[:4], -1)
+            repack_super(raw, int(qtype), col0 // QK, self.cols // QK, row0, data, geometry)
+            return
         if self.fmt != qtype.name:
             raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
         if self.quantised:
@@ -147,8 +170,8 @@ class ExpertWeights:
 class Weight(ExpertWeights):
     """One matrix [rows, cols]: out = W @ x."""
 
-    def __init__(self, rows: int, cols: int, fmt: str, data: np.ndarray | None = None) -> None:
-        super().__init__(1, rows, cols, fmt, data)
+    def __init__(self, rows: int, cols: int, fmt: str, data: np.ndarray | None = None, col0: int = 0) -> None:
+        super().__init__(1, rows, cols, fmt, data, col0)
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[cols] -> out f32[rows] (overwritten)."""
@@ -156,13 +179,13 @@ class Weight(ExpertWeights):
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
-        _matmul(self.data, x, *_X.get(x.shape[0], x.shape[1] // QK), out, _isa)
+        _matmul(self.data, (self.lead, self.cols // QK), x, *_X.get(x.shape[0], x.shape[1] // QK), out, _isa)
 
 
 def pack_weight(parts: list[np.ndarray], qtypes: Sequence[QT], cols: int, col0: int = 0) -> Weight:
     """Repack columns col0 .. col0 + cols of ggml rows into a `Weight`. parts: 2-D uint8 [rows_i, row_bytes]
     views (any strides, e.g. a subset of a tensor's rows) of types qtypes[i], stacked along rows."""
-    w = Weight(sum(p.shape[0] for p in parts), cols, packed_format(qtypes))
+    w = Weight(sum(p.shape[0] for p in parts), cols, packed_format(qtypes), col0=col0)
     row0 = 0
     for p, qtype in zip(parts, qtypes, strict=True):
         w._repack(p[None], qtype, row0, col0)
@@ -173,7 +196,7 @@ def pack_weight(parts: list[np.ndarray], qtypes: Sequence[QT], cols: int, col0: 
 def pack_experts(raw: np.ndarray, qtype: QT, cols: int, col0: int = 0) -> ExpertWeights:
     """Repack columns col0 .. col0 + cols of ggml expert matrices raw uint8 [E, rows, row_bytes] (any
     strides) into `ExpertWeights`."""
-    w = ExpertWeights(raw.shape[0], raw.shape[1], cols, packed_format([qtype]))
+    w = ExpertWeights(raw.shape[0], raw.shape[1], cols, packed_format([qtype]), col0=col0)
     w._repack(raw, qtype, 0, col0)
     return w
 
@@ -197,7 +220,8 @@ def moe_forward(
     route = _ROUTE.get(n_exp, n_slots, _max_items(n_exp, n_slots, n_groups))
     act = _ACT.get(n_slots, n_groups * R)
     h_q8 = _H.get(h.shape[0], h.shape[1] // QK)
-    _moe(gate.data, up.data, down.data, down.cols, h, *h_q8, ids, weights, out, *act, *route, _isa, get_num_threads())
+    _moe(gate.data, up.data, down.data, down.lead, down.cols, h, *h_q8, ids, weights, out, *act, *route, _isa,
+         get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +229,8 @@ def moe_forward(
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul(w, x, xq, xd, xs, iota, out, isa):
-    """out[t, :] = W[0] @ x[t]. xq, xd, xs: room for x's Q8_0 form; iota: 0, 1, 2, ..."""
+def _matmul(w, wcol, x, xq, xd, xs, iota, out, isa):
+    """out[t, :] = W[0] @ x[t]. wcol: see dot_group; xq, xd, xs: room for x's Q8_0 form; iota: 0, 1, 2, ..."""
     act, n_tok = (x, xq, xd, xs), x.shape[0]
     for t in range(n_tok):
         prepare(w, act, t, 0, x.shape[1])
@@ -217,19 +241,20 @@ def _matmul(w, x, xq, xd, xs, iota, out, isa):
         nt = min(TT, n_tok - t0)
         acc = stack_array(_ACC, np.float32, (TT, R))
         acc[:nt] = 0
-        dot_group(w, 0, g, act, iota[t0 : t0 + nt], nt, acc, isa)
+        dot_group(w, wcol, 0, g, act, iota[t0 : t0 + nt], nt, acc, isa)
         for i in range(nt):
             for r in range(min(R, rows - g * R)):
                 out[t0 + i, g * R + r] = acc[i, r]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _moe(gw, uw, dw, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
+def _moe(gw, uw, dw, dlead, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
          offsets, fill, slot_tok, slot_w, items, isa, n_threads):  # fmt: skip
     """See moe_forward; the scratch (_q8_rows, _moe_act, _moe_route) may be larger than needed.
     h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order), each with room for
     its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges; items: phase A's work list."""
     hact, aact = (h, hq, hd, hs), (act, aq, ad, as_)
+    hcol, dcol = (0, h.shape[1] // QK), (dlead, ff // QK)
     n_tok, k = ids.shape
     n_exp, g_ff = gw.shape[0], gw.shape[1]
     for t in range(n_tok):
@@ -265,8 +290,8 @@ def _moe(gw, uw, dw, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad,
         acc_u = stack_array(_ACC, np.float32, (TT, R))
         acc_g[:n] = 0
         acc_u[:n] = 0
-        dot_group(gw, e, g, hact, slot_tok[p0 : p0 + n], n, acc_g, isa)
-        dot_group(uw, e, g, hact, slot_tok[p0 : p0 + n], n, acc_u, isa)
+        dot_group(gw, hcol, e, g, hact, slot_tok[p0 : p0 + n], n, acc_g, isa)
+        dot_group(uw, hcol, e, g, hact, slot_tok[p0 : p0 + n], n, acc_u, isa)
         for i in range(n):
             for r in range(R):
                 a = acc_g[i, r]
@@ -287,7 +312,7 @@ def _moe(gw, uw, dw, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad,
                 n = min(TT, offsets[e + 1] - p0)
                 for g in range(g0, g1):
                     acc[:n] = 0
-                    dot_group(dw, e, g, aact, iota[p0 : p0 + n], n, acc, isa)
+                    dot_group(dw, dcol, e, g, aact, iota[p0 : p0 + n], n, acc, isa)
                     for i in range(n):
                         t, wt = slot_tok[p0 + i], slot_w[p0 + i]
                         for r in range(min(R, d - g * R)):

@@ -52,10 +52,20 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .blocks import decode
-from .kernels_simd import decoded_block_dot, float_rows_dot, q4_0_isums, q8_0_isums, scale_add
+from .kernels_simd import (
+    IQ4_GRID,
+    SUPER_FORMATS,
+    decoded_block_dot,
+    float_rows_dot,
+    q4_0_isums,
+    q8_0_isums,
+    scale_add,
+    super_block_dot,
+    super_geometry,
+)
 
-__all__ = ["R", "QK", "QUANT_LAYOUT", "DECODED_RECORD", "repack_quant", "repack_decoded", "repack_float", "prepare",
-           "dot_group"]  # fmt: skip
+__all__ = ["R", "QK", "QUANT_LAYOUT", "DECODED_RECORD", "SUPER_FORMATS", "super_geometry", "repack_quant",
+           "repack_decoded", "repack_super", "repack_float", "prepare", "dot_group"]  # fmt: skip
 
 R = 32  # rows per group: a multiple of 32, so that a group's outputs are whole Q8_0 blocks
 QK = 32  # weights per ggml block
@@ -64,7 +74,16 @@ TOKENS = 4  # tokens per micro-kernel call: the unpacked weights in registers se
 # storage dtype name -> (qtype name, ggml block bytes, panels per group, bytes per row per 32-byte vector)
 QUANT_LAYOUT = {"uint8": ("Q4_0", 18, 2, 2), "int8": ("Q8_0", 34, 4, 4)}
 DECODED_RECORD = 320  # bytes per panel-block of the decoded layout: 8 rows x 32 weights
-_QUANTISED = (types.uint8, types.int8, types.uint32)  # storage dtypes of layouts with Q8_0 activations
+_BYTE_FORMATS = (types.uint8, types.int8, types.uint32)  # Q4_0, Q8_0, decoded
+_SUPER = tuple(getattr(types, name) for name in SUPER_FORMATS)
+_IQ4_INDEX = np.zeros(256, np.uint8)  # grid value + 128 -> its index
+for _i, _v in enumerate(IQ4_GRID):
+    _IQ4_INDEX[_v + 128] = _i
+
+
+def _quantised(w) -> bool:  # noqa: ANN001 - a numba array type
+    """Whether a packed array's type is a layout with Q8_0 activations (the rest: F32, F16, BF16)."""
+    return w.ndim == 5 and (w.dtype in _BYTE_FORMATS or w.dtype in _SUPER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +147,47 @@ def repack_decoded(src, qt, b0, row0, dst):
 
 
 @njit(parallel=True, cache=True)
+def repack_super(src, qt, b0, nblocks, row0, dst, geometry):
+    """Sub-blocks b0 .. b0 + nblocks - 1 of rows of ggml type qt -> a super-block layout dst (viewed as
+    uint8 [E, G, 4, records, record bytes]) as rows row0.. . Records follow the file's 256-weight
+    super-blocks, so a slice that starts inside one leaves that record's first blocks zero (never read).
+    geometry: (bits, per16, has_min, lut, offset, header, dmin, sc, m, block) of kernels_simd."""
+    bits, per16, has_min, lut, offset, header, dmin_at, sc_at, m_at, block = geometry
+    n_exp, n = src.shape[0], src.shape[1]
+    g0, g1 = row0 // R, (row0 + n + R - 1) // R
+    for i in prange(n_exp * (g1 - g0)):
+        e, g = i // (g1 - g0), g0 + i % (g1 - g0)
+        q = np.empty(QK, np.int8)
+        for row in range(max(g * R, row0), min(g * R + R, row0 + n)):
+            p, rr = (row - g * R) // 8, (row - g * R) % 8
+            for gb in range(b0, b0 + nblocks):
+                rec, j = gb // 8 - b0 // 8, gb % 8
+                d, dmin, sc0, sc1, m0, m1 = decode(qt, src[e, row - row0], gb, q)
+                r = dst[e, g, p, rec]
+                r[2 * rr], r[2 * rr + 1] = d & 0xFF, d >> 8
+                if has_min:
+                    r[dmin_at + 2 * rr], r[dmin_at + 2 * rr + 1] = dmin & 0xFF, dmin >> 8
+                    r[m_at + 8 * j + rr] = m0 & 0xFF
+                if per16:
+                    r[sc_at + 16 * j + rr], r[sc_at + 16 * j + 8 + rr] = sc0 & 0xFF, sc1 & 0xFF
+                else:
+                    r[sc_at + 8 * j + rr] = sc0 & 0xFF
+                pay = header + block * j
+                for v in range(4):
+                    for k in range(4):
+                        lo, hi = np.int32(q[4 * v + k]), np.int32(q[16 + 4 * v + k])
+                        if lut:
+                            lo, hi = np.int32(_IQ4_INDEX[lo + 128]), np.int32(_IQ4_INDEX[hi + 128])
+                        lo, hi = lo + offset, hi + offset
+                        r[pay + 32 * v + 4 * rr + k] = (lo & 0xF) | ((hi & 0xF) << 4)
+                        if bits == 5:
+                            r[pay + 128 + 4 * rr + k] |= ((lo >> 4) << (2 * v)) | ((hi >> 4) << (2 * v + 1))
+                        elif bits == 6:
+                            hb = ((lo >> 4) | ((hi >> 4) << 2)) << (4 * (v % 2))
+                            r[pay + 128 + 32 * (v // 2) + 4 * rr + k] |= hb
+
+
+@njit(parallel=True, cache=True)
 def repack_float(src, row0, w):
     """F32/F16/BF16 rows -> w [E, G, cols, R] (little-endian bytes assembled into w's integer view)."""
     n_exp, n = src.shape[0], src.shape[1]
@@ -176,7 +236,7 @@ def prepare(w, act, row, c0, c1):  # pragma: no cover - typed by the overload be
 
 @overload(prepare)
 def _prepare_impl(w, act, row, c0, c1):
-    if w.dtype in _QUANTISED:
+    if _quantised(w):
 
         def impl(w, act, row, c0, c1):
             quantize_q8_0(act[0], row, c0 // QK, (c1 + QK - 1) // QK, act[1], act[2], act[3])
@@ -191,8 +251,10 @@ def _prepare_impl(w, act, row, c0, c1):
 # vector, once loaded and unpacked, serves several tokens (prefill); with one token it is decode.
 
 
-def dot_group(w, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - typed by the overload below
-    """acc[i, r] += row g*R + r of matrix e . activation row toks[i]; isa picks the micro-kernel."""
+def dot_group(w, wcol, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - typed by the overload below
+    """acc[i, r] += row g*R + r of matrix e . activation row toks[i]; isa picks the micro-kernel. wcol:
+    (lead, nb): the weights' first block within their first super-block record, and the blocks to take
+    (read by the super-block layouts only)."""
 
 
 def _block_isums(isa, w, widx, xq, rows, b):  # pragma: no cover - typed by the overload below
@@ -225,7 +287,7 @@ def _block_tokens(w, e, g, p, b, act, rows, i0, acc, isa):
         scale_add(acc, i0 + u, p, sums[u], _offset(w, xs, rows[u], b), w, (e, g, p, b, 0), xd[rows[u], b])
 
 
-def _dot_group_quant(w, e, g, act, toks, ntok, acc, isa):
+def _dot_group_quant(w, wcol, e, g, act, toks, ntok, acc, isa):
     """Blocks outermost, so that a block, once loaded, stays in L1 for every token of the tile."""
     for p in range(w.shape[2]):
         for b in range(w.shape[3]):
@@ -237,13 +299,13 @@ def _dot_group_quant(w, e, g, act, toks, ntok, acc, isa):
                 _block_tokens(w, e, g, p, b, act, (toks[j],), j, acc, isa)
 
 
-def _dot_group_float(w, e, g, act, toks, ntok, acc, isa):
+def _dot_group_float(w, wcol, e, g, act, toks, ntok, acc, isa):
     """Token by token: f32 multiply-add of the group's R rows (the vector lanes) along the columns."""
     for i in range(ntok):
         float_rows_dot(w, (e, g, 0, 0), act[0], (toks[i], 0), acc, (i, 0), R)
 
 
-def _dot_group_decoded(w, e, g, act, toks, ntok, acc, isa):
+def _dot_group_decoded(w, wcol, e, g, act, toks, ntok, acc, isa):
     """As _dot_group_quant, for the decoded layout (the record's scales are applied per block)."""
     xq, xd, xs = act[1], act[2], act[3]
     for p in range(w.shape[2]):
@@ -257,8 +319,27 @@ def _dot_group_decoded(w, e, g, act, toks, ntok, acc, isa):
                 decoded_block_dot(isa, w, (e, g, p, b, 0), xq, xd, xs, (toks[j],), b, acc, j, p)
 
 
+def _dot_group_super(w, wcol, e, g, act, toks, ntok, acc, isa):
+    """As _dot_group_quant, for the super-block layouts: block b of the activation is block lead + b of the
+    records (record (lead + b) // 8, its block (lead + b) % 8)."""
+    xq, xd, xs = act[1], act[2], act[3]
+    lead, nb = wcol
+    for p in range(w.shape[2]):
+        for b in range(nb):
+            rec, j = (lead + b) // 8, (lead + b) % 8
+            i = 0
+            while ntok - i >= TOKENS:
+                super_block_dot(isa, w, (e, g, p, rec, 0), j, xq, xd, xs,
+                                (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), b, acc, i, p)
+                i += TOKENS
+            for k in range(i, ntok):
+                super_block_dot(isa, w, (e, g, p, rec, 0), j, xq, xd, xs, (toks[k],), b, acc, k, p)
+
+
 @overload(dot_group)
-def _dot_group_impl(w, e, g, act, toks, ntok, acc, isa):
+def _dot_group_impl(w, wcol, e, g, act, toks, ntok, acc, isa):
+    if w.ndim == 5 and w.dtype in _SUPER:
+        return _dot_group_super
     if w.dtype == types.uint32:
         return _dot_group_decoded
-    return _dot_group_quant if w.dtype in _QUANTISED else _dot_group_float
+    return _dot_group_quant if _quantised(w) else _dot_group_float

@@ -24,7 +24,7 @@ from numba.extending import intrinsic, models, register_model
 from numba.np.numpy_support import carray
 
 __all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums", "scale_add",
-           "decoded_block_dot", "float_rows_dot"]  # fmt: skip
+           "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry", "float_rows_dot"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2 = 0, 1
 _HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
@@ -233,27 +233,37 @@ def _emit_q4_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
     return acc
 
 
+def _quads(builder, avx2: bool, w, absw, x):  # noqa: ANN001, ANN202
+    """<8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x (signed).
+    w is unsigned (0..127) when absw is None, else signed with absw = |w|. On AVX2: vpmaddubsw (signed w
+    as |w| x (x with w's sign)), then vpmaddwd against ones adds the pairs into int32 lanes (|w| <= 127:
+    no pair saturates). Exact."""
+    if avx2:
+        if absw is None:
+            pairs = _maddubs(builder, True, w, x)
+        else:
+            pairs = _maddubs(builder, True, absw, _call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, _const_vec(_I16, 1, 16))
+    wide = ir.VectorType(_I32, 32)
+    ws = builder.zext(w, wide) if absw is None else builder.sext(w, wide)
+    return _pairwise_add(builder, _pairwise_add(builder, builder.mul(ws, builder.sext(x, wide))))
+
+
+def _abs_if(builder, avx2: bool, v):  # noqa: ANN001, ANN202
+    """|v| for _quads' signed weights on AVX2 (computed once per weight vector, not per token)."""
+    return _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if avx2 else v
+
+
 def _i8_vectors(builder, avx2: bool, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
     """Int32 sums of signed weight bytes times signed activation bytes for 8 rows: vectors first ..
-    first + n_vec - 1 of 32 bytes at wptr, vector q holding weights 4q..4q+3 of each row. On AVX2 the products go
-    through vpmaddubsw as |w| x (x with w's sign), then vpmaddwd against ones adds the pairs into int32
-    lanes (|w| <= 127, so no pair saturates). Returns one <8 x i32> per token."""
+    first + n_vec - 1 of 32 bytes at wptr, vector q holding weights 4q..4q+3 of each row. Returns one
+    <8 x i32> per token."""
     acc = [ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs]
-    ones = _const_vec(_I16, 1, 16)
     for q in range(first, first + n_vec):
         v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * q)
-        absv = _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if avx2 else None
+        absv = _abs_if(builder, avx2, v)
         for u, xp in enumerate(xptrs):
-            x = _broadcast(builder, xp, 4 * q, _I32)
-            if avx2:
-                pairs = _maddubs(builder, True, absv, _call(builder, "llvm.x86.avx2.psign.b", v.type, x, v))
-                quads = _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, ones)
-            else:
-                wide = ir.VectorType(_I32, 32)
-                quads = _pairwise_add(
-                    builder, _pairwise_add(builder, builder.mul(builder.sext(v, wide), builder.sext(x, wide)))
-                )
-            acc[u] = builder.add(acc[u], quads)
+            acc[u] = builder.add(acc[u], _quads(builder, avx2, v, absv, _broadcast(builder, xp, 4 * q, _I32)))
     return acc
 
 
@@ -346,6 +356,138 @@ def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p)
         return context.get_dummy_value()
 
     return types.void(isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# The super-block layouts: the K-quants' and IQ4_XS's own compact forms (kernels_formats.py).
+
+# storage dtype -> (type, bits of q, scales per 16 weights (else per 32), has mins, q through the IQ4 grid,
+# q's offset): q is unsigned in the payload, value = d * sc * (q - offset) - dmin * m (or d * sc * grid[q])
+SUPER_FORMATS = {"uint16": ("Q4_K", 4, False, True, False, 0), "int16": ("Q5_K", 5, False, True, False, 0),
+                 "int32": ("Q6_K", 6, True, False, False, 32), "int64": ("IQ4_XS", 4, False, False, True, 0)}
+IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def super_geometry(dtype: str) -> tuple[int, int, int, int, int, int]:
+    """(header bytes, offset of dmin, of the scales, of the mins, payload bytes per 32-weight block, record
+    bytes) of one 8-row x 256-column record of a super-block layout: the 8 rows' f16 d, f16 dmin (types with
+    mins), int8 scales (per 16 or 32 weights, 8 rows each), int8 mins (per 32), then 8 blocks of payload:
+    4 vectors of nibbles (row r's bytes 4r..4r+3: low nibble weights 4v+k, high nibble 16+4v+k) and, for 5
+    and 6 bits, 1 or 2 vectors of high bits."""
+    _, bits, per16, has_min, _, _ = SUPER_FORMATS[dtype]
+    dmin = 16
+    sc = dmin + (16 if has_min else 0)
+    m = sc + 8 * (16 if per16 else 8)
+    header = m + (64 if has_min else 0)
+    block = 128 + 32 * (bits - 4)
+    return header, dmin, sc, m, block, header + 8 * block
+
+
+def _lut(builder, avx2: bool, idx):  # noqa: ANN001, ANN202
+    """IQ4's grid values (signed bytes) of the nibbles in <32 x i8> idx."""
+    table = ir.Constant(ir.VectorType(_I8, 32), [ir.Constant(_I8, v) for v in IQ4_GRID * 2])
+    if avx2:
+        return _call(builder, "llvm.x86.avx2.pshuf.b", idx.type, table, idx)
+    out = _const_vec(_I8, IQ4_GRID[0], 32)
+    for k in range(1, 16):
+        out = builder.select(builder.icmp_unsigned("==", idx, _const_vec(_I8, k, 32)), _const_vec(_I8, IQ4_GRID[k], 32),
+                             out)
+    return out
+
+
+@intrinsic
+def super_block_dot(typingctx, isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p):
+    """Block j (32 weights) of one 8-row record of a super-block layout (w[widx]: the record) times the Q8_0
+    blocks b of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]: per half h (16 weights) the exact
+    int32 sums S_h of q * x, less offset * xsum_h, then xd * (d * (sc . S) - dmin * m * (xsum_0 + xsum_1))."""
+    if not (_index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and isinstance(xrows, types.UniTuple)):
+        return None
+    _, bits, per16, has_min, lut, offset = SUPER_FORMATS[str(w.dtype)]
+    header, dmin_at, sc_at, m_at, block, _ = super_geometry(str(w.dtype))
+
+    def codegen(context, builder, sig, args):
+        isa_v, w_v, widx_v, j_v, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
+        intp = types.intp
+        rec = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
+        jj = context.cast(builder, j_v, sig.args[3], intp)
+        pay = builder.gep(rec, [builder.add(context.get_constant(intp, header),
+                                            builder.mul(jj, context.get_constant(intp, block)))])
+        blk = context.cast(builder, b_v, sig.args[8], intp)
+        rows = [context.cast(builder, r, sig.args[7].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
+        zero = context.get_constant(intp, 0)
+        xptrs = [_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, zero]) for r in rows]
+        _prefetch(builder, pay, PREFETCH_BYTES, block)
+        v32 = ir.VectorType(_I8, 32)
+
+        def emit(avx2):
+            sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in rows] for _ in range(2)]
+            high = [_load(builder, pay, v32, 128 + 32 * k) for k in range(bits - 4)]
+            for v in range(4):
+                nib = _load(builder, pay, v32, 32 * v)
+                lo, hi = builder.and_(nib, _const_vec(_I8, 0x0F, 32)), builder.lshr(nib, _const_vec(_I8, 4, 32))
+                if bits == 5:
+                    hb = high[0]
+                    lo = builder.or_(lo, builder.shl(builder.and_(builder.lshr(hb, _const_vec(_I8, 2 * v, 32)),
+                                                                  _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
+                    hi = builder.or_(hi, builder.shl(builder.and_(builder.lshr(hb, _const_vec(_I8, 2 * v + 1, 32)),
+                                                                  _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
+                elif bits == 6:
+                    hh = builder.lshr(high[v // 2], _const_vec(_I8, 4 * (v % 2), 32))
+                    lo = builder.or_(lo, builder.shl(builder.and_(hh, _const_vec(_I8, 3, 32)), _const_vec(_I8, 4, 32)))
+                    hi = builder.or_(hi, builder.shl(builder.and_(hh, _const_vec(_I8, 12, 32)), _const_vec(_I8, 2, 32)))
+                if lut:
+                    lo, hi = _lut(builder, avx2, lo), _lut(builder, avx2, hi)
+                abs_lo = _abs_if(builder, avx2, lo) if lut else None
+                abs_hi = _abs_if(builder, avx2, hi) if lut else None
+                for u, xp in enumerate(xptrs):
+                    xl, xh = _broadcast(builder, xp, 4 * v, _I32), _broadcast(builder, xp, 16 + 4 * v, _I32)
+                    sums[0][u] = builder.add(sums[0][u], _quads(builder, avx2, lo, abs_lo, xl))
+                    sums[1][u] = builder.add(sums[1][u], _quads(builder, avx2, hi, abs_hi, xh))
+            return sums[0] + sums[1]
+
+        sums = _by_isa(context, builder, isa_v, emit)
+        n = len(rows)
+        f32s, i32s, i8s = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
+
+        def at(offset_v):  # noqa: ANN001, ANN202
+            return builder.gep(rec, [offset_v])
+
+        def row_bytes(base: int, index):  # noqa: ANN001, ANN202 - the 8 rows' int8 at base + 8 * index
+            off = builder.add(context.get_constant(intp, base), builder.mul(index, context.get_constant(intp, 8)))
+            return builder.sext(_load(builder, at(off), i8s), i32s)
+
+        d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), 0), f32s)
+        if per16:
+            two_j = builder.mul(jj, context.get_constant(intp, 2))
+            sc0 = row_bytes(sc_at, two_j)
+            sc1 = row_bytes(sc_at, builder.add(two_j, context.get_constant(intp, 1)))
+        else:
+            sc0 = sc1 = row_bytes(sc_at, jj)
+        if has_min:
+            dmin = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), dmin_at), f32s)
+            mins = row_bytes(m_at, jj)
+        col = builder.mul(context.cast(builder, p_v, sig.args[11], intp), context.get_constant(intp, 8))
+        first = context.cast(builder, i0_v, sig.args[10], intp)
+        for u, r in enumerate(rows):
+            h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[6], xs_v,
+                                                        [r, blk, context.get_constant(intp, k)])), _I32)
+                      for k in (1, 2))
+            s0, s1 = sums[u], sums[n + u]
+            if offset:
+                s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), 8))
+                s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), 8))
+            isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1))
+            val = builder.fmul(d, builder.sitofp(isum, f32s))
+            if has_min:
+                xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), 8))
+                val = builder.fsub(val, builder.fmul(dmin, builder.sitofp(xsum, f32s)))
+            dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), 8)
+            row = builder.add(first, context.get_constant(intp, u))
+            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[9], acc_v, [row, col]), f32s.as_pointer())
+            builder.store(builder.fadd(builder.load(aptr, align=1), builder.fmul(val, dx)), aptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p), codegen
 
 
 @intrinsic

@@ -125,7 +125,7 @@ class PackStore:
         """As kernels.pack_weight, or its packed array from the cache."""
         rows, fmt = sum(p.shape[0] for p in parts), packed_format(qtypes)
         if self.mode == "read":
-            return Weight(rows, cols, fmt, self._take(1, rows, cols, fmt))
+            return Weight(rows, cols, fmt, self._take(1, rows, cols, fmt, col0), col0)
         return self._save(pack_weight(parts, qtypes, cols, col0))
 
     def experts(self, raw: np.ndarray, qtype: QT, cols: int, col0: int = 0) -> ExpertWeights:
@@ -133,11 +133,11 @@ class PackStore:
         if self.mode == "read":
             fmt = packed_format([qtype])
             n, rows = raw.shape[:2]
-            return ExpertWeights(n, rows, cols, fmt, self._take(n, rows, cols, fmt))
+            return ExpertWeights(n, rows, cols, fmt, self._take(n, rows, cols, fmt, col0), col0)
         return self._save(pack_experts(raw, qtype, cols, col0))
 
-    def _take(self, n: int, rows: int, cols: int, fmt: str) -> np.ndarray:
-        shape, dtype = ExpertWeights.layout(n, rows, cols, fmt)
+    def _take(self, n: int, rows: int, cols: int, fmt: str, col0: int = 0) -> np.ndarray:
+        shape, dtype = ExpertWeights.layout(n, rows, cols, fmt, col0)
         if self._next >= len(self._entries):
             raise StaleCacheError(f"{self.path}: fewer arrays than the model needs")
         offset, saved_shape, saved_dtype = self._entries[self._next]
@@ -182,7 +182,7 @@ class PackStore:
             report(f"saved the packed weights to {self.path} ({size / 1e9:.2f} GB) for faster starts")
             self._open_for_reading()
             for w in self._packed:  # one copy in memory: the file's pages replace the freshly packed arrays
-                w.data = self._take(w.n_experts, w.rows, w.cols, w.fmt)
+                w.data = self._take(w.n_experts, w.rows, w.cols, w.fmt, w.col0)
             self._packed.clear()
         except OSError as e:
             self._abandon(f"cannot write the pack cache {self.path}: {e}")

@@ -24,7 +24,8 @@ from dmoe.blocks import DECODED, random_blocks
 from dmoe.kernels import ISA_AVX2, ISA_GENERIC, moe_forward, pack_experts, pack_weight
 from dmoe.kernels_simd import HOST_ISA
 
-DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the types packed into the decoded layout
+DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
+SUPER_BLOCK_TYPES = {QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS}  # those with a compact layout of their own
 QUANTISED = {QT.Q4_0, QT.Q8_0, *DECODED_TYPES}
 # Every format; the quantised ones with each micro-kernel lowering this CPU runs (the portable
 # generic one always). The ISA does not matter to the float formats.
@@ -227,7 +228,7 @@ def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> N
     rng = np.random.default_rng(int(decoded_type) * 100 + col0 + n_tok)
     raw = random_blocks(decoded_type, 45, 512, rng)
     w = pack_weight([raw[:20], raw[20:]], [decoded_type] * 2, cols, col0)
-    assert w.fmt == "decoded"
+    assert w.fmt == (decoded_type.name if decoded_type in SUPER_BLOCK_TYPES else "decoded")
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     out = np.full((n_tok, 45), np.nan, np.float32)
     w.matmul(x, out)
