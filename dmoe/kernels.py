@@ -44,7 +44,7 @@ from .kernels_formats import (
     repack_super,
     super_geometry,
 )
-from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, stack_array
+from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, ISA_VNNI, stack_array
 
 __all__ = [
     "Weight",
@@ -56,6 +56,7 @@ __all__ = [
     "set_isa",
     "ISA_GENERIC",
     "ISA_AVX2",
+    "ISA_VNNI",
 ]
 
 TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
@@ -87,10 +88,11 @@ if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & os.environ.
 
 
 def set_isa(isa: int) -> None:
-    """Choose the quantised micro-kernels' lowering: ISA_AVX2 (the default where the CPU has AVX2) or
-    ISA_GENERIC (portable LLVM IR, the default elsewhere; also selectable for testing)."""
+    """Choose the quantised micro-kernels' lowering: ISA_VNNI (the default where the CPU has AVX-VNNI or
+    AVX512-VNNI), ISA_AVX2 (the default where it has AVX2 only) or ISA_GENERIC (portable LLVM IR, the
+    default elsewhere); any lowering up to the host's is selectable, for testing."""
     global _isa
-    if isa not in (ISA_GENERIC, ISA_AVX2) or (isa == ISA_AVX2 and HOST_ISA != ISA_AVX2):
+    if isa not in (ISA_GENERIC, ISA_AVX2, ISA_VNNI) or isa > HOST_ISA:
         raise ValueError(f"isa {isa} is not available on this CPU")
     _isa = isa
 

@@ -7,11 +7,12 @@ horizontal sum per block), spills the accumulators, or (f32) does not vectorise 
 slower. Here every vector lane is one weight row of the interleaved layouts (kernels_formats.py).
 
 Everything is target-independent LLVM IR (LLVM lowers it to AVX2, SSE, NEON or scalars) except in
-the micro-kernels, which have two lowerings chosen by their run-time `isa` argument: ISA_AVX2 uses
-x86's `vpmaddubsw` (32 unsigned x signed byte products summed in pairs, in one instruction; there is
-no generic IR that LLVM turns into it) and ISA_GENERIC the equivalent portable IR. The branch sits
-outside the unrolled block, once per 256-512 multiply-adds. On a host without AVX2 both branches are
-the generic IR, so nothing x86-only reaches LLVM there; on an AVX2 host the tests run both.
+the micro-kernels, which have up to three lowerings chosen by their run-time `isa` argument: ISA_AVX2
+uses x86's `vpmaddubsw` (32 unsigned x signed byte products summed in pairs, in one instruction; there
+is no generic IR that LLVM turns into it), ISA_VNNI adds `vpdpbusd` (4-byte dots added into int32
+lanes, AVX-VNNI or AVX512-VNNI) where the sums are int32, and ISA_GENERIC is the equivalent portable
+IR. The branch sits outside the unrolled block, once per 256-512 multiply-adds. Only the lowerings
+the host runs are emitted, so nothing x86-only reaches LLVM elsewhere; the tests run each of them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums", "scale_add",
-           "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry", "float_rows_dot"]  # fmt: skip
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums",
+           "scale_add", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
+           "float_rows_dot"]  # fmt: skip
 
-ISA_GENERIC, ISA_AVX2 = 0, 1
-_HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
-HOST_ISA = ISA_AVX2 if _HOST_AVX2 else ISA_GENERIC  # the fastest lowering this machine runs
+ISA_GENERIC, ISA_AVX2, ISA_VNNI = 0, 1, 2
+_FEATURES = llvm.get_host_cpu_features()
+_HOST_AVX2 = bool(_FEATURES.get("avx2", False))
+_HOST_VNNI = _HOST_AVX2 and bool(_FEATURES.get("avxvnni") or
+                                 (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
+HOST_ISA = ISA_VNNI if _HOST_VNNI else ISA_AVX2 if _HOST_AVX2 else ISA_GENERIC  # the fastest lowering here
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # Software prefetch distance of the weight stream: a single core keeps too few cache misses in
@@ -131,25 +136,34 @@ def _call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202
     return builder.call(fn, list(args))
 
 
-def _maddubs(builder, avx2: bool, u, s):  # noqa: ANN001, ANN202
+def _maddubs(builder, level: int, u, s):  # noqa: ANN001, ANN202
     """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed). The
     generic form does not saturate as vpmaddubsw does; the kernels keep every pair sum within int16."""
-    if avx2:
+    if level:
         return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
     wide = ir.VectorType(_I16, 32)
     return _pairwise_add(builder, builder.mul(builder.zext(u, wide), builder.sext(s, wide)))
 
 
 def _by_isa(context, builder, isa, emit):  # noqa: ANN001, ANN202
-    """emit(avx2: bool) -> list of values, under a branch on the run-time isa when the host has AVX2."""
-    if not _HOST_AVX2:
-        return emit(False)
-    use_avx2 = builder.icmp_signed("==", isa, ir.Constant(isa.type, ISA_AVX2))
-    with builder.if_else(use_avx2) as (then, otherwise):
+    """emit(level) -> list of values, for each lowering this host runs (level ISA_GENERIC = 0, falsy; ISA_AVX2
+    or ISA_VNNI: emitters test `level` for any x86 path and `level == ISA_VNNI` for vpdpbusd), under a branch
+    on the run-time isa."""
+    levels = [lv for lv, ok in ((ISA_VNNI, _HOST_VNNI), (ISA_AVX2, _HOST_AVX2)) if ok]
+    if not levels:
+        return emit(ISA_GENERIC)
+    return _branch(builder, isa, levels, emit)
+
+
+def _branch(builder, isa, levels, emit):  # noqa: ANN001, ANN202
+    """isa == levels[0] ? emit(levels[0]) : (the same over the rest, then ISA_GENERIC), merged by phis."""
+    chosen = builder.icmp_signed("==", isa, ir.Constant(isa.type, levels[0]))
+    with builder.if_else(chosen) as (then, otherwise):
         with then:
-            fast, fast_block = emit(True), builder.block
+            fast, fast_block = emit(levels[0]), builder.block
         with otherwise:
-            slow, slow_block = emit(False), builder.block
+            slow = _branch(builder, isa, levels[1:], emit) if levels[1:] else emit(ISA_GENERIC)
+            slow_block = builder.block
     out = []
     for f, s in zip(fast, slow, strict=True):
         phi = builder.phi(f.type)
@@ -191,7 +205,7 @@ def stack_array(n, dtype, shape):  # pragma: no cover - inlined into kernels
 
 def _block_dot_intrinsic(payload: Vec, emit_one):  # noqa: ANN001, ANN202
     """An intrinsic (isa, w, widx, xq, xrows, b) -> UniTuple(Vec, len(xrows)) whose codegen runs
-    emit_one(builder, avx2, wptr, xptrs) -> list of per-token vectors."""
+    emit_one(builder, level, wptr, xptrs) -> list of per-token vectors."""
 
     def typer(typingctx, isa, w, widx, xq, xrows, b):
         if not (_index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
@@ -210,7 +224,7 @@ def _block_dot_intrinsic(payload: Vec, emit_one):  # noqa: ANN001, ANN202
             ]
             xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [row, blk, zero]) for row in rows]
             _prefetch(builder, wptr, PREFETCH_BYTES, 256 + 64)
-            vecs = _by_isa(context, builder, isa_v, lambda avx2: emit_one(builder, avx2, wptr, xptrs))
+            vecs = _by_isa(context, builder, isa_v, lambda level: emit_one(builder, level, wptr, xptrs))
             return context.make_tuple(builder, out, vecs)
 
         return out(isa, w, widx, xq, xrows, b), codegen
@@ -218,7 +232,7 @@ def _block_dot_intrinsic(payload: Vec, emit_one):  # noqa: ANN001, ANN202
     return intrinsic(typer)
 
 
-def _emit_q4_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
+def _emit_q4_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     """16 rows: 8 vectors of 32 bytes, vector jp holding bytes 2jp and 2jp+1 of each row's 16 (low
     nibble: weight j, high nibble: weight j + 16). Sums of q * x with q = 0..15, in int16 lanes with
     wrap-around (the caller subtracts 8 * sum x, after which the value is exact; see kernels_formats)."""
@@ -229,47 +243,52 @@ def _emit_q4_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
         lo, hi = builder.and_(v, low), builder.lshr(v, _const_vec(_I8, 4, 32))
         for u, xp in enumerate(xptrs):
             xl, xh = _broadcast(builder, xp, 2 * jp, _I16), _broadcast(builder, xp, 16 + 2 * jp, _I16)
-            acc[u] = builder.add(acc[u], builder.add(_maddubs(builder, avx2, lo, xl), _maddubs(builder, avx2, hi, xh)))
+            both = builder.add(_maddubs(builder, level, lo, xl), _maddubs(builder, level, hi, xh))
+            acc[u] = builder.add(acc[u], both)
     return acc
 
 
-def _quads(builder, avx2: bool, w, absw, x):  # noqa: ANN001, ANN202
-    """<8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x (signed).
-    w is unsigned (0..127) when absw is None, else signed with absw = |w|. On AVX2: vpmaddubsw (signed w
-    as |w| x (x with w's sign)), then vpmaddwd against ones adds the pairs into int32 lanes (|w| <= 127:
-    no pair saturates). Exact."""
-    if avx2:
-        if absw is None:
-            pairs = _maddubs(builder, True, w, x)
-        else:
-            pairs = _maddubs(builder, True, absw, _call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, _const_vec(_I16, 1, 16))
+def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
+    """acc + <8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x
+    (signed). w is unsigned (0..127) when absw is None, else signed with absw = |w|. On x86 the unsigned
+    operand is w or |w| and the signed one x or x with w's sign (vpsignb); then vpdpbusd (VNNI) adds the
+    4-byte dots into acc in one instruction, or vpmaddubsw + vpmaddwd against ones + vpaddd (AVX2) do
+    (|w| <= 127: no pair saturates). Exact."""
+    if level:
+        u, s = (w, x) if absw is None else (absw, _call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
+        if level == ISA_VNNI:
+            i32s = ir.VectorType(_I32, 8)
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
+                         builder.bitcast(s, i32s))
+        pairs = _maddubs(builder, True, u, s)
+        return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs,
+                                      _const_vec(_I16, 1, 16)))
     wide = ir.VectorType(_I32, 32)
     ws = builder.zext(w, wide) if absw is None else builder.sext(w, wide)
-    return _pairwise_add(builder, _pairwise_add(builder, builder.mul(ws, builder.sext(x, wide))))
+    return builder.add(acc, _pairwise_add(builder, _pairwise_add(builder, builder.mul(ws, builder.sext(x, wide)))))
 
 
-def _abs_if(builder, avx2: bool, v):  # noqa: ANN001, ANN202
+def _abs_if(builder, level: int, v):  # noqa: ANN001, ANN202
     """|v| for _quads' signed weights on AVX2 (computed once per weight vector, not per token)."""
-    return _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if avx2 else v
+    return _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if level else v
 
 
-def _i8_vectors(builder, avx2: bool, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
+def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
     """Int32 sums of signed weight bytes times signed activation bytes for 8 rows: vectors first ..
     first + n_vec - 1 of 32 bytes at wptr, vector q holding weights 4q..4q+3 of each row. Returns one
     <8 x i32> per token."""
     acc = [ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs]
     for q in range(first, first + n_vec):
         v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * q)
-        absv = _abs_if(builder, avx2, v)
+        absv = _abs_if(builder, level, v)
         for u, xp in enumerate(xptrs):
-            acc[u] = builder.add(acc[u], _quads(builder, avx2, v, absv, _broadcast(builder, xp, 4 * q, _I32)))
+            acc[u] = _quads(builder, level, v, absv, _broadcast(builder, xp, 4 * q, _I32), acc[u])
     return acc
 
 
-def _emit_q8_0(builder, avx2: bool, wptr, xptrs):  # noqa: ANN001, ANN202
+def _emit_q8_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums."""
-    return _i8_vectors(builder, avx2, wptr, xptrs, 0, 8)
+    return _i8_vectors(builder, level, wptr, xptrs, 0, 8)
 
 
 q4_0_isums = _block_dot_intrinsic(Vec(types.int16, 16), _emit_q4_0)
@@ -327,9 +346,9 @@ def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p)
         xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, zero]) for r in rows]
         _prefetch(builder, wptr, PREFETCH_BYTES, 320)
 
-        def emit(avx2):
+        def emit(level):
             payload = builder.gep(builder.bitcast(wptr, _I8.as_pointer()), [ir.Constant(_I32, 64)])
-            halves = (_i8_vectors(builder, avx2, payload, xptrs, first, 4) for first in (0, 4))
+            halves = (_i8_vectors(builder, level, payload, xptrs, first, 4) for first in (0, 4))
             return [v for half in halves for v in half]
 
         sums = _by_isa(context, builder, isa_v, emit)
@@ -383,10 +402,10 @@ def super_geometry(dtype: str) -> tuple[int, int, int, int, int, int]:
     return header, dmin, sc, m, block, header + 8 * block
 
 
-def _lut(builder, avx2: bool, idx):  # noqa: ANN001, ANN202
+def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
     """IQ4's grid values (signed bytes) of the nibbles in <32 x i8> idx."""
     table = ir.Constant(ir.VectorType(_I8, 32), [ir.Constant(_I8, v) for v in IQ4_GRID * 2])
-    if avx2:
+    if level:
         return _call(builder, "llvm.x86.avx2.pshuf.b", idx.type, table, idx)
     out = _const_vec(_I8, IQ4_GRID[0], 32)
     for k in range(1, 16):
@@ -419,7 +438,7 @@ def super_block_dot(typingctx, isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p
         _prefetch(builder, pay, PREFETCH_BYTES, block)
         v32 = ir.VectorType(_I8, 32)
 
-        def emit(avx2):
+        def emit(level):
             sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in rows] for _ in range(2)]
             high = [_load(builder, pay, v32, 128 + 32 * k) for k in range(bits - 4)]
             for v in range(4):
@@ -436,13 +455,13 @@ def super_block_dot(typingctx, isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p
                     lo = builder.or_(lo, builder.shl(builder.and_(hh, _const_vec(_I8, 3, 32)), _const_vec(_I8, 4, 32)))
                     hi = builder.or_(hi, builder.shl(builder.and_(hh, _const_vec(_I8, 12, 32)), _const_vec(_I8, 2, 32)))
                 if lut:
-                    lo, hi = _lut(builder, avx2, lo), _lut(builder, avx2, hi)
-                abs_lo = _abs_if(builder, avx2, lo) if lut else None
-                abs_hi = _abs_if(builder, avx2, hi) if lut else None
+                    lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
+                abs_lo = _abs_if(builder, level, lo) if lut else None
+                abs_hi = _abs_if(builder, level, hi) if lut else None
                 for u, xp in enumerate(xptrs):
                     xl, xh = _broadcast(builder, xp, 4 * v, _I32), _broadcast(builder, xp, 16 + 4 * v, _I32)
-                    sums[0][u] = builder.add(sums[0][u], _quads(builder, avx2, lo, abs_lo, xl))
-                    sums[1][u] = builder.add(sums[1][u], _quads(builder, avx2, hi, abs_hi, xh))
+                    sums[0][u] = _quads(builder, level, lo, abs_lo, xl, sums[0][u])
+                    sums[1][u] = _quads(builder, level, hi, abs_hi, xh, sums[1][u])
             return sums[0] + sums[1]
 
         sums = _by_isa(context, builder, isa_v, emit)

@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
 from dmoe.blocks import DECODED, random_blocks
-from dmoe.kernels import ISA_AVX2, ISA_GENERIC, moe_forward, pack_experts, pack_weight
+from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, moe_forward, pack_experts, pack_weight
 from dmoe.kernels_simd import HOST_ISA
 
 DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
@@ -29,11 +29,12 @@ SUPER_BLOCK_TYPES = {QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS}  # those with a compa
 QUANTISED = {QT.Q4_0, QT.Q8_0, *DECODED_TYPES}
 # Every format; the quantised ones with each micro-kernel lowering this CPU runs (the portable
 # generic one always). The ISA does not matter to the float formats.
-ISAS = [ISA_GENERIC] + ([ISA_AVX2] if HOST_ISA == ISA_AVX2 else [])
+ISAS = [isa for isa in (ISA_GENERIC, ISA_AVX2, ISA_VNNI) if isa <= HOST_ISA]
+ISA_NAMES = {ISA_GENERIC: "generic", ISA_AVX2: "avx2", ISA_VNNI: "vnni"}
 CASES = [(q, isa) for q in (QT.Q4_0, QT.Q8_0) for isa in ISAS] + [(q, HOST_ISA) for q in (QT.F32, QT.F16, QT.BF16)]
 
 
-@pytest.fixture(params=CASES, ids=lambda c: f"{c[0].name}-{'avx2' if c[1] == ISA_AVX2 else 'generic'}")
+@pytest.fixture(params=CASES, ids=lambda c: f"{c[0].name}-{ISA_NAMES[c[1]]}")
 def qtype(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
     """The weight type under test, with the kernels set to the case's ISA for the test's duration."""
     qt, isa = request.param
@@ -212,7 +213,7 @@ def test_float_weights_take_any_width(qtype: QT) -> None:
 
 
 @pytest.fixture(params=[(q, isa) for q in DECODED_TYPES for isa in ISAS],
-                ids=lambda c: f"{c[0].name}-{'avx2' if c[1] == ISA_AVX2 else 'generic'}")
+                ids=lambda c: f"{c[0].name}-{ISA_NAMES[c[1]]}")
 def decoded_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
     """A type the kernels take through the decoded layout, with the case's ISA for the test's duration."""
     qt, isa = request.param
