@@ -18,9 +18,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dmoe import quant  # noqa: E402
 from dmoe.config import ModelConfig  # noqa: E402
 from dmoe.hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: E402
+from dmoe.mixes import FILE_TYPES  # noqa: E402
 from dmoe.modelfile import expected_shapes  # noqa: E402
 from dmoe.modelwriter import write_model  # noqa: E402
 from dmoe.tokenizer import write_tokenizer_metadata  # noqa: E402
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Convert a Hugging Face Qwen3-MoE checkpoint to a .m file.")
     p.add_argument("hf_dir", help="directory with config.json, *.safetensors and tokenizer.json")
     p.add_argument("--arch", required=True, choices=["qwen3_moe"], help="model architecture")
-    p.add_argument("--type", required=True, choices=sorted(quant.BY_NAME), help="weight type of the output")
+    p.add_argument("--type", required=True, choices=list(FILE_TYPES),
+                   help="file type: ours (q40, q80, bf16, f16, f32) or llama.cpp's (q4_k_m, q6_k, iq4_xs, ...)")
     p.add_argument("-o", "--output", required=True, help="output .m file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

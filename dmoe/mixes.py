@@ -58,9 +58,14 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _llama_type(name: str, ft: str, base: QT, i: int, n: int, gqa: int) -> QT:
-    """llama.cpp's raise of one matrix in layer i of n (its rules for these file types, no importance matrix:
-    the n_expert == 8 rules are Mixtral's and never apply to Qwen3-MoE)."""
+def _llama_type(name: str, ft: str, base: QT, i: int, n: int, gqa: int, n_expert: int) -> QT:
+    """llama.cpp's raise of one matrix in layer i of n (its rules for these file types, no importance matrix).
+    Its n_expert == 8 rules (Mixtral's) apply to any 8-expert model, never to Qwen3-MoE's 128 or 64."""
+    if n_expert == 8:
+        if name.endswith(("attn_k.weight", "attn_v.weight")):
+            return QT.Q8_0
+        if name.endswith("attn_output.weight"):
+            return QT.Q5_K if ft in ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs") else base
     if name.endswith("attn_v.weight"):
         if ft == "q2_k":
             return QT.Q4_K if gqa >= 4 else QT.Q3_K
@@ -101,7 +106,7 @@ def tensor_types(cfg: ModelConfig, file_type: str) -> dict[str, QT]:
         elif is_output and ft.llama:
             qt = ft.base if ft.base == QT.Q8_0 else QT.Q6_K
         elif name.startswith("blk.") and ft.llama:
-            qt = _llama_type(name, file_type, ft.base, int(name.split(".")[1]), n, gqa)
+            qt = _llama_type(name, file_type, ft.base, int(name.split(".")[1]), n, gqa, cfg.num_experts)
         else:
             qt = ft.base
         if shape[-1] % BLOCK_WEIGHTS.get(qt, 1):

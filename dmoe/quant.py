@@ -1,5 +1,5 @@
-"""ggml formats: row sizes, quantise (parallel numba, for the converter) and dequantise (every type
-blocks.py decodes, in parallel numba).
+"""ggml formats: row sizes, quantise (parallel numba, for the converter: Q4_0 and Q8_0 here, the K-quants,
+IQ4 and Q4_1/Q5_x in kquants.py) and dequantise (every type blocks.py decodes, in parallel numba).
 
 Q4_0: 32 weights in 18 bytes: f16 scale d, 16 bytes of nibbles (low nibbles weights 0-15,
 high nibbles 16-31), value = (q - 8) * d.  Q8_0: f16 scale d + 32 int8, value = q * d.
@@ -13,12 +13,12 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from dmoe import kquants
 from dmoe.blocks import BLOCK_BYTES, BLOCK_WEIGHTS, DECODED, SUB, decode, f16_to_f32
 
 BLOCK = 32
 ELEMENT_BYTES = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}
 SUPPORTED = (*ELEMENT_BYTES, *DECODED)
-BY_NAME = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q80": QT.Q8_0, "q40": QT.Q4_0}
 
 _F8_5 = np.float32(8.5)
 _F127 = np.float32(127.0)
@@ -108,6 +108,8 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
         out = x.astype(np.float16)
     elif qtype == QT.BF16:
         out = f32_to_bf16(x)
+    elif qtype in kquants.QUANTISERS:
+        out = kquants.quantize_blocks(x.reshape(-1, cols), qtype)
     else:
         blocks = x.reshape(-1, BLOCK) if cols % BLOCK == 0 else None
         if blocks is None:

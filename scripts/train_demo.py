@@ -34,6 +34,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dmoe import quant  # noqa: E402
+from dmoe.mixes import FILE_TYPES  # noqa: E402
 from dmoe.qwen_tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer_json, write_qwen3_tokenizer_files  # noqa: E402
 
 SEED = 1234
@@ -51,7 +52,7 @@ WARMUP = 100
 QAT_FRACTION = 0.25  # the last quarter of training computes with the weights as the file stores them (Q4_0)
 AUX_LOSS = 0.01  # Switch-style load balancing, so every expert gets used
 QTYPE = "q40"
-QT_Q4_0 = quant.BY_NAME[QTYPE]
+QT_Q4_0 = FILE_TYPES[QTYPE].base
 PROMPTS = ("The list", "A dictionary is", "To open a file")
 
 

@@ -54,15 +54,16 @@ def model_file(hf_checkpoint: Callable[[str], str], tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="session")
 def mix_file(hf_checkpoint: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
-    """mix_file(file_type) -> checkpoint k written with llama.cpp's tensor types of that file type."""
-    from hf_models import write_mix_file
+    """mix_file(file_type) -> checkpoint k (widths of whole 256-weight super-blocks) converted to one of
+    llama.cpp's file types: its tensor mix, quantised by our ports of ggml's reference quantisers."""
+    from convert_hf import convert
 
     made: dict[str, str] = {}
 
     def get(file_type: str) -> str:
         if file_type not in made:
-            made[file_type] = write_mix_file(hf_checkpoint("k"), file_type,
-                                             str(tmp_path_factory.mktemp(f"mix-{file_type}") / "model.m"))
+            made[file_type] = str(tmp_path_factory.mktemp(f"mix-{file_type}") / "model.m")
+            convert(hf_checkpoint("k"), made[file_type], file_type, progress=False)
         return made[file_type]
 
     return get

@@ -34,7 +34,7 @@ CONFIGS: dict[str, dict] = {
               tie_word_embeddings=False, rope_theta=1_000_000.0, dtype="float32", shards=1),
     # every width a multiple of 256, so every matrix can take a K-quant (the hub files' types)
     "k": dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=64, moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+              head_dim=64, moe_intermediate_size=512, num_experts=16, num_experts_per_tok=2, norm_topk_prob=True,
               tie_word_embeddings=False, rope_theta=1_000_000.0, dtype="float32", shards=1),
 }
 
@@ -94,38 +94,3 @@ def reference_on_file_weights(directory: str, model_path: str) -> Qwen3MoeForCau
     load_file_weights(model, model_path)
     return model
 
-
-def write_mix_file(directory: str, file_type: str, out: str, seed: int = 0) -> str:
-    """A .m of checkpoint `directory` with llama.cpp's tensor types of `file_type` (a mixes.FILE_TYPES name).
-    Float tensors and the types quant.quantize writes hold the checkpoint's values; the others (K-quants,
-    IQ4, Q4_1, Q5_x: no quantiser of ours yet) random blocks of the checkpoint tensor's std. The engine's
-    reference is transformers on the file's dequantised weights either way."""
-    from convert_hf import tensor_chunks
-
-    from dmoe import quant
-    from dmoe.blocks import random_blocks
-    from dmoe.hf_checkpoint import HFCheckpoint
-    from dmoe.mixes import tensor_types
-    from dmoe.modelwriter import write_model
-
-    ckpt = HFCheckpoint(directory)
-    cfg = ckpt.config
-    types = tensor_types(cfg, file_type)
-    rng = np.random.default_rng(seed)
-
-    def chunks(name: str):  # noqa: ANN202 - a generator of arrays
-        for values in tensor_chunks(ckpt, cfg, name):
-            qt = types[name]
-            if qt in quant.ELEMENT_BYTES or qt in (quant.QT.Q4_0, quant.QT.Q8_0):
-                yield values
-                continue
-            rows = values.reshape(-1, values.shape[-1])
-            unit = random_blocks(qt, rows.shape[0], rows.shape[1], np.random.default_rng(1), 1.0)
-            scale = float(rows.std()) / float(quant.dequantize(unit, qt, rows.shape[1]).std())
-            yield random_blocks(qt, rows.shape[0], rows.shape[1], rng, scale)
-
-    try:
-        write_model(out, cfg, file_type, chunks, progress=False)
-    finally:
-        ckpt.close()
-    return out

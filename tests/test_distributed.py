@@ -36,6 +36,12 @@ def single(model_file, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def single_mix(mix_file, tmp_path_factory):
+    """The world-of-one results on the Q4_K_M file."""
+    return run_ranks(1, mix_file("q4_k_m"), "ffn", str(tmp_path_factory.mktemp("n1-mix") / "r.npz"))
+
+
 # config d: 8 query heads over 2 KV heads, head_dim 128, 12 experts top-4; config b: 6 query heads, 1 KV head
 CASES = [("d", 2, "ffn"), ("d", 3, "ffn"), ("d", 4, "experts"), ("d", 5, "ffn"), ("d", 8, "experts"),
          ("d", 3, "experts"), ("b", 4, "ffn"), ("b", 8, "ffn"), ("b", 5, "experts")]
@@ -50,14 +56,13 @@ def test_world_sizes_agree(name: str, n: int, moe_split: str, model_file, single
     assert got["greedy"].tolist() == ref["greedy"].tolist()
 
 
-@pytest.mark.parametrize("n,moe_split", [(2, "ffn"), (3, "ffn"), (3, "experts")])
-def test_world_sizes_agree_on_a_q4_k_m_file(n: int, moe_split: str, mix_file, tmp_path) -> None:
+@pytest.mark.parametrize("n,moe_split", [(2, "ffn"), (3, "ffn"), (3, "experts"), (5, "ffn"), (8, "ffn")])
+def test_world_sizes_agree_on_a_q4_k_m_file(n: int, moe_split: str, mix_file, single_mix, tmp_path) -> None:
     """A hub-style K-quant mix: at 3 ranks each rank's slice of ffn_down's 512 columns (160, 160, 192) cuts
     through 256-weight super-blocks. Quantised activations may round differently where float sums differ
     in their last bits, so logits agree to 1e-3 of their scale; the greedy tokens exactly."""
-    path = mix_file("q4_k_m")
-    ref = run_ranks(1, path, "ffn", str(tmp_path / "one.npz"))
-    got = run_ranks(n, path, moe_split, str(tmp_path / "r.npz"))
+    ref = single_mix
+    got = run_ranks(n, mix_file("q4_k_m"), moe_split, str(tmp_path / "r.npz"))
     scale = np.abs(ref["logits"]).max()
     assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-3 * scale
     assert got["greedy"].tolist() == ref["greedy"].tolist()

@@ -66,6 +66,17 @@ def test_q8_0_keeps_its_output_and_ours_keep_q8_0_output(cfg: ModelConfig) -> No
     assert FILE_TYPES["q4_k_m"].ftype == 15
 
 
+def test_eight_expert_models_get_mixtrals_rules(cfg: ModelConfig) -> None:
+    """llama.cpp's n_expert == 8 branch (written for Mixtral) fires for any 8-expert model: attn_k and attn_v
+    Q8_0, attn_output Q5_K in the K-mixes (checked against llama_model_quantize by bench/llama_interop.py)."""
+    from dataclasses import replace
+
+    t = tensor_types(replace(cfg, num_experts=8), "q4_k_m")
+    assert t["blk.9.attn_k.weight"] == t["blk.9.attn_v.weight"] == QT.Q8_0
+    assert t["blk.9.attn_output.weight"] == QT.Q5_K
+    assert tensor_types(replace(cfg, num_experts=8), "q4_0")["blk.9.attn_output.weight"] == QT.Q4_0
+
+
 def test_rows_that_are_not_super_blocks_fall_back(cfg: ModelConfig) -> None:
     small = ModelConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, head_dim=32, moe_intermediate_size=32, num_experts=4,

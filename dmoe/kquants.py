@@ -1,0 +1,820 @@
+"""ggml's reference quantisers, the ones `llama-quantize` runs when it has no importance matrix, as
+parallel numba kernels: Q2_K..Q6_K (`quantize_row_qN_K_ref`), Q4_1, Q5_0, Q5_1 (`quantize_row_q4_1_ref`,
+`_q5_0_ref`, `_q5_1_ref`) and IQ4_NL, IQ4_XS (`quantize_iq4_nl` / `quantize_iq4_xs` with no weights:
+`quantize_row_iq4_nl_impl` with ntry 7 over super-blocks of 32 / 256).
+
+Ported from ggml/src/ggml-quants.c of ggml-org/llama.cpp (commit 01243c587fec), block layouts from
+ggml-common.h. Every step is the C's float32 operation in the C's order (no reassociation, no fused
+multiply-add: what the x86-64 build of ggml-base, which has no -march flags, computes), with
+`nearest_int`'s 12582912 trick, the C's integer truncations (uint8_t/int8_t stores) and its
+tie-breaking, and f32 -> f16 rounding to nearest even (GGML_FP32_TO_FP16), so the bytes equal
+llama.cpp's (checked against libggml-base's ggml_quantize_chunk where one is installed, see
+tests/test_quantisers.py). A product the C evaluates more than once with the same operands (w*x, x - min)
+is computed once here: the same float32 value. Builds of ggml that fuse a*b + c (ARM64 GCC/clang
+defaults, -march with FMA on x86) differ in about 0.2-2% of blocks (gcc -march=native here); not matched.
+Kernels run over blocks in parallel (`numba.prange` over chunks of blocks).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from dmoe.blocks import BLOCK_BYTES, BLOCK_WEIGHTS
+
+__all__ = ["QUANTISERS", "quantize_blocks"]
+
+_f = np.float32
+_F0, _F1, _HALF = _f(0.0), _f(1.0), _f(0.5)
+_F16_5 = _f(16.5)
+_MAGIC = _f(12582912.0)  # 1.5 * 2**23: nearest_int's rounding constant
+_EPS = _f(1e-15)  # GROUP_MAX_EPS
+_TENTH = _f(0.1)
+_F32, _F63, _F15, _F31 = _f(32.0), _f(63.0), _f(15.0), _f(31.0)
+_FM16, _FM32, _FM128 = _f(-16.0), _f(-32.0), _f(-128.0)
+_TWO24 = _f(16777216.0)
+_FLT_MAX = _f(np.finfo(np.float32).max)
+
+QK = 256  # QK_K
+# kvalues_iq4nl and the thresholds best_index_int8 compares 2x against: val[j-1] + val[j], j = 1..15
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+_IQ4_F = _IQ4.astype(np.float32)
+_IQ4_MID2 = _IQ4[:-1].astype(np.int32) + _IQ4[1:]  # twice the midpoints between neighbouring levels
+_IQ4_LUT = (np.arange(-256, 256)[:, None] >= _IQ4_MID2[None, :]).sum(1).astype(np.int32)  # floor(2v) -> index
+_F256 = _f(256.0)
+
+QUANTISERS: tuple[QT, ...] = (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q2_K, QT.Q3_K, QT.IQ4_XS, QT.Q4_1, QT.Q5_0, QT.Q5_1,
+                               QT.IQ4_NL)
+
+
+# ---------------------------------------------------------------- scalar helpers
+
+
+@numba.njit(inline="always")
+def _nearest_int(v):
+    """ggml's nearest_int: add 1.5 * 2**23 in float32 and read the low mantissa bits (ties to even)."""
+    t = np.float32(v + _MAGIC)
+    return (np.int64(t.view(np.int32)) & 0x007FFFFF) - 0x00400000
+
+
+@numba.njit(inline="always")
+def _f16_bits(v):
+    """float32 -> IEEE half bits, round to nearest even (GGML_FP32_TO_FP16; NaN -> 0x7E00 | sign)."""
+    b = np.int64(np.float32(v).view(np.uint32))
+    sign = (b >> 16) & 0x8000
+    a = b & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return sign | 0x7E00
+    if a >= 0x477FF000:  # >= 65520: rounds to infinity
+        return sign | 0x7C00
+    if a >= 0x38800000:  # normal half: keep 10 mantissa bits, round the 13 dropped ones to even
+        h = (a >> 13) - (112 << 10)
+        rem = a & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
+            h += 1
+        return sign | h
+    # subnormal half (or zero): the value in units of 2**-24, scaled exactly, rounded to even
+    return sign | np.int64(np.rint(abs(v) * _TWO24))
+
+
+@numba.njit(inline="always")
+def _f16_value(h):
+    """IEEE half bits -> their float32 value (exact; GGML_FP16_TO_FP32)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        a = _f(m) * _f(2.0**-24)
+    elif e == 31:
+        a = np.uint32(0x7F800000 | (m << 13)).view(np.float32)
+    else:
+        a = np.uint32(((e + 112) << 23) | (m << 13)).view(np.float32)
+    return -a if h & 0x8000 else a
+
+
+@numba.njit(inline="always")
+def _put_f16(out, o, h):
+    out[o] = np.uint8(h & 0xFF)
+    out[o + 1] = np.uint8((h >> 8) & 0xFF)
+
+
+@numba.njit(inline="always")
+def _best_index_iq4(v):
+    """best_index_int8(16, kvalues_iq4nl, v): the level i whose midpoint with level i-1,
+    (val[i-1] + val[i]) / 2, is the last one v reaches. The midpoints times two are integers T, and
+    2v >= T exactly when floor(2v) >= T, so a table indexed by floor(2v) gives the index. This is the
+    branch-free search of the current ggml and the same index as its older bisection for this grid."""
+    v2 = v + v
+    if v2 >= _F256:
+        return 15
+    if not v2 >= -_F256:  # below every midpoint (or NaN: 0 as in the current ggml; the bisection gave 15)
+        return 0
+    return _IQ4_LUT[np.int64(np.floor(v2)) + 256]
+
+
+# ---------------------------------------------------------------- ggml's scale searches
+
+
+@numba.njit
+def _make_qkx2(x, o, n, nmax, w, L, lo, laux, xm, rmin, rdelta, nstep, use_mad):
+    """make_qkx2_quants on x[o:o+n] with weights w[:n]: L[lo:lo+n] = levels, returns (scale, the_min)."""
+    mn = x[o]
+    mx = x[o]
+    sum_w = w[0]
+    sum_x = sum_w * x[o]
+    for i in range(1, n):
+        xi = x[o + i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        sum_w += w[i]
+        sum_x += w[i] * xi
+    if mn > _F0:
+        mn = _F0
+    if mx == mn:
+        for i in range(n):
+            L[lo + i] = 0
+        return _F0, -mn
+    rng = mx - mn
+    fnmax = _f(nmax)
+    iscale = fnmax / rng
+    scale = _F1 / iscale
+    best_error = _F0
+    for i in range(n):
+        xm[i] = x[o + i] - mn
+    for i in range(n):
+        q = min(nmax, max(0, _nearest_int(iscale * xm[i])))
+        L[lo + i] = q
+        diff = scale * _f(q) + mn - x[o + i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += w[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * _f(step) + fnmax) / rng
+        sum_l = _F0
+        sum_l2 = _F0
+        sum_xl = _F0
+        for i in range(n):
+            q = min(nmax, max(0, _nearest_int(iscale * xm[i])))
+            laux[i] = q
+            fq = _f(q)
+            wl = w[i] * fq
+            sum_l += wl
+            sum_l2 += wl * fq
+            sum_xl += wl * x[o + i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > _F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sum_xl / sum_l2
+            cur_error = _F0
+            for i in range(n):
+                diff = this_scale * _f(laux[i]) + this_min - x[o + i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += w[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[lo + i] = laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min  # ggml's later steps measure from the new min (x - min, max - min)
+                rng = mx - mn
+                for i in range(n):
+                    xm[i] = x[o + i] - mn
+    return scale, -mn
+
+
+@numba.njit
+def _make_qx_rmse1(x, o, n, nmax, L, laux, wx, ww):
+    """make_qx_quants(n, nmax, x + o, L + o, rmse_type 1, no weights): weights x*x, returns the scale."""
+    mx = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[o + i])
+        if ax > amax:
+            amax = ax
+            mx = x[o + i]
+    if amax < _EPS:
+        for i in range(n):
+            L[o + i] = 0
+        return _F0
+    fnmax = _f(nmax)
+    for i in range(n):
+        ww[i] = x[o + i] * x[o + i]
+        wx[i] = ww[i] * x[o + i]  # (w*x[i]) of w*x[i]*l
+    iscale = -fnmax / mx
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        q = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[o + i])))
+        L[o + i] = q + nmax
+        fq = _f(q)
+        sumlx += wx[i] * fq
+        suml2 += ww[i] * fq * fq
+    scale = sumlx / suml2 if suml2 != _F0 else _F0
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fnmax + _TENTH * _f(step)) / mx
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            q = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[o + i])))
+            laux[i] = q
+            fq = _f(q)
+            sumlx += wx[i] * fq
+            suml2 += ww[i] * fq * fq
+        if suml2 > _F0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[o + i] = laux[i] + nmax
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@numba.njit
+def _make_q3(x, o, n, nmax, L):
+    """make_q3_quants(n, nmax, x + o, L + o, do_rmse true): returns the scale, L[o:o+n] = level + nmax."""
+    mx = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[o + i])
+        if ax > amax:
+            amax = ax
+            mx = x[o + i]
+    if amax < _EPS:
+        for i in range(n):
+            L[o + i] = 0
+        return _F0
+    iscale = -_f(nmax) / mx
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        xi = x[o + i]
+        q = max(-nmax, min(nmax - 1, _nearest_int(iscale * xi)))
+        L[o + i] = q
+        w = xi * xi
+        sumlx += w * xi * _f(q)
+        suml2 += w * _f(q) * _f(q)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            xi = x[o + i]
+            w = xi * xi
+            fl = _f(L[o + i])
+            slx = sumlx - w * xi * fl
+            if slx > _F0:
+                sl2 = suml2 - w * fl * fl
+                new_l = max(-nmax, min(nmax - 1, _nearest_int(xi * sl2 / slx)))
+                if new_l != L[o + i]:
+                    fn = _f(new_l)
+                    slx += w * xi * fn
+                    sl2 += w * fn * fn
+                    if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[o + i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    for i in range(n):
+        L[o + i] += nmax
+    return sumlx / suml2 if suml2 > _F0 else _F0
+
+
+# ---------------------------------------------------------------- K-quants
+
+
+@numba.njit(inline="always")
+def _chunk(c, nb, ch):
+    return c * ch, min(nb, (c + 1) * ch)
+
+
+@numba.njit
+def _pack_scale_min_k4(sc, j, ls, lm):
+    """The 12-byte 6-bit scales/mins of Q4_K/Q5_K, as quantize_row_q4_K_ref stores them."""
+    if j < 4:
+        sc[j] = ls
+        sc[j + 4] = lm
+    else:
+        sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+        sc[j - 4] |= (ls >> 4) << 6
+        sc[j] |= (lm >> 4) << 6
+
+
+@numba.njit(inline="always")
+def _scale_min_k4(sc, j):
+    if j < 4:
+        return sc[j] & 63, sc[j + 4] & 63
+    return (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+
+
+@numba.njit
+def _qk45_block(x, nmax, rmin, nstep, L, laux, w, xm, scales, mins, sc):
+    """The shared part of quantize_row_q4_K_ref / _q5_K_ref for one super-block x[256]: levels into L,
+    6-bit scales into sc[12]; returns the f16 bits of d and dmin."""
+    max_scale = _F0
+    max_min = _F0
+    for j in range(8):
+        sum_x2 = _F0
+        for i in range(32):
+            sum_x2 += x[32 * j + i] * x[32 * j + i]
+        av_x = np.sqrt(sum_x2 / _F32)
+        for i in range(32):
+            w[i] = av_x + abs(x[32 * j + i])
+        s, m = _make_qkx2(x, 32 * j, 32, nmax, w, L, 32 * j, laux, xm, rmin, _TENTH, nstep, False)
+        scales[j] = s
+        mins[j] = m
+        if s > max_scale:
+            max_scale = s
+        if m > max_min:
+            max_min = m
+    inv_scale = _F63 / max_scale if max_scale > _F0 else _F0
+    inv_min = _F63 / max_min if max_min > _F0 else _F0
+    for j in range(12):
+        sc[j] = 0
+    for j in range(8):
+        ls = min(63, _nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, _nearest_int(inv_min * mins[j]) & 0xFF)
+        _pack_scale_min_k4(sc, j, ls, lm)
+    hd = _f16_bits(max_scale / _F63)
+    hm = _f16_bits(max_min / _F63)
+    d16 = _f16_value(hd)
+    m16 = _f16_value(hm)
+    for j in range(8):
+        s, m = _scale_min_k4(sc, j)
+        d = d16 * _f(s)
+        if d == _F0:
+            continue
+        dm = m16 * _f(m)
+        for i in range(32):
+            L[32 * j + i] = min(nmax, max(0, _nearest_int((x[32 * j + i] + dm) / d)))
+    return hd, hm
+
+
+@numba.njit(parallel=True, cache=True)
+def _q4_k(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        laux = np.empty(32, np.int32)
+        w = np.empty(32, np.float32)
+        xm = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        sc = np.empty(12, np.int32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            y = out[b]
+            hd, hm = _qk45_block(x[b], 15, _f(-1.0), 20, L, laux, w, xm, scales, mins, sc)
+            _put_f16(y, 0, hd)
+            _put_f16(y, 2, hm)
+            for j in range(12):
+                y[4 + j] = np.uint8(sc[j])
+            for j in range(4):
+                for i in range(32):
+                    y[16 + 32 * j + i] = np.uint8(L[64 * j + i] | (L[64 * j + 32 + i] << 4))
+
+
+@numba.njit(parallel=True, cache=True)
+def _q5_k(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        laux = np.empty(32, np.int32)
+        w = np.empty(32, np.float32)
+        xm = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        sc = np.empty(12, np.int32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            y = out[b]
+            hd, hm = _qk45_block(x[b], 31, _f(-0.5), 15, L, laux, w, xm, scales, mins, sc)
+            _put_f16(y, 0, hd)
+            _put_f16(y, 2, hm)
+            for j in range(12):
+                y[4 + j] = np.uint8(sc[j])
+            for i in range(32):
+                y[16 + i] = 0
+            m1 = 1
+            m2 = 2
+            for j in range(4):
+                for i in range(32):
+                    l1 = L[64 * j + i]
+                    if l1 > 15:
+                        l1 -= 16
+                        y[16 + i] |= m1
+                    l2 = L[64 * j + 32 + i]
+                    if l2 > 15:
+                        l2 -= 16
+                        y[16 + i] |= m2
+                    y[48 + 32 * j + i] = np.uint8(l1 | (l2 << 4))
+                m1 <<= 2
+                m2 <<= 2
+
+
+@numba.njit(parallel=True, cache=True)
+def _q6_k(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        laux = np.empty(16, np.int32)
+        wx = np.empty(16, np.float32)
+        ww = np.empty(16, np.float32)
+        scales = np.empty(16, np.float32)
+        isc = np.empty(16, np.int32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            max_scale = _F0
+            max_abs = _F0
+            for ib in range(16):
+                s = _make_qx_rmse1(xb, 16 * ib, 16, 32, L, laux, wx, ww)
+                scales[ib] = s
+                if abs(s) > max_abs:
+                    max_abs = abs(s)
+                    max_scale = s
+            if max_abs < _EPS:
+                for k in range(210):
+                    y[k] = 0
+                continue
+            iscale = _FM128 / max_scale
+            hd = _f16_bits(_F1 / iscale)
+            d16 = _f16_value(hd)
+            for ib in range(16):
+                isc[ib] = min(127, _nearest_int(iscale * scales[ib]))
+            for j in range(16):
+                d = d16 * _f(np.int8(isc[j]))
+                if d == _F0:
+                    continue
+                for i in range(16):
+                    L[16 * j + i] = max(-32, min(31, _nearest_int(xb[16 * j + i] / d))) + 32
+            for h in range(2):
+                for i in range(32):
+                    a = L[128 * h + i]
+                    bq = L[128 * h + i + 32]
+                    cq = L[128 * h + i + 64]
+                    dq = L[128 * h + i + 96]
+                    y[64 * h + i] = np.uint8((a & 0xF) | ((cq & 0xF) << 4))
+                    y[64 * h + i + 32] = np.uint8((bq & 0xF) | ((dq & 0xF) << 4))
+                    hi = ((a >> 4) & 3) | (((bq >> 4) & 3) << 2) | (((cq >> 4) & 3) << 4) | (((dq >> 4) & 3) << 6)
+                    y[128 + 32 * h + i] = np.uint8(hi)
+            for ib in range(16):
+                y[192 + ib] = np.uint8(isc[ib] & 0xFF)
+            _put_f16(y, 208, hd)
+
+
+@numba.njit(parallel=True, cache=True)
+def _q2_k(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        laux = np.empty(16, np.int32)
+        w = np.empty(16, np.float32)
+        xm = np.empty(16, np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        sc = np.empty(16, np.int32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            max_scale = _F0
+            max_min = _F0
+            for j in range(16):
+                for i in range(16):
+                    w[i] = abs(xb[16 * j + i])
+                s, m = _make_qkx2(xb, 16 * j, 16, 3, w, L, 16 * j, laux, xm, _f(-0.5), _TENTH, 15, True)
+                scales[j] = s
+                mins[j] = m
+                if s > max_scale:
+                    max_scale = s
+                if m > max_min:
+                    max_min = m
+            if max_scale > _F0:
+                iscale = _F15 / max_scale
+                for j in range(16):
+                    sc[j] = _nearest_int(iscale * scales[j]) & 0xFF
+                hd = _f16_bits(max_scale / _F15)
+            else:
+                for j in range(16):
+                    sc[j] = 0
+                hd = _f16_bits(_F0)
+            if max_min > _F0:
+                iscale = _F15 / max_min
+                for j in range(16):
+                    sc[j] = (sc[j] | (_nearest_int(iscale * mins[j]) << 4)) & 0xFF
+                hm = _f16_bits(max_min / _F15)
+            else:
+                hm = _f16_bits(_F0)
+            d16 = _f16_value(hd)
+            m16 = _f16_value(hm)
+            for j in range(16):
+                d = d16 * _f(sc[j] & 0xF)
+                if d == _F0:
+                    continue
+                dm = m16 * _f(sc[j] >> 4)
+                for i in range(16):
+                    L[16 * j + i] = min(3, max(0, _nearest_int((xb[16 * j + i] + dm) / d)))
+            for j in range(16):
+                y[j] = np.uint8(sc[j])
+            for h in range(2):
+                for i in range(32):
+                    k = 128 * h + i
+                    y[16 + 32 * h + i] = np.uint8(L[k] | (L[k + 32] << 2) | (L[k + 64] << 4) | (L[k + 96] << 6))
+            _put_f16(y, 80, hd)
+            _put_f16(y, 82, hm)
+
+
+@numba.njit(parallel=True, cache=True)
+def _q3_k(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        scales = np.empty(16, np.float32)
+        sc = np.empty(12, np.int32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            max_scale = _F0
+            amax = _F0
+            for j in range(16):
+                s = _make_q3(xb, 16 * j, 16, 4, L)
+                scales[j] = s
+                if abs(s) > amax:
+                    amax = abs(s)
+                    max_scale = s
+            for j in range(12):
+                sc[j] = 0
+            if max_scale != _F0:
+                iscale = _FM32 / max_scale
+                for j in range(16):
+                    q = _nearest_int(iscale * scales[j])
+                    q = ((q + 128) & 0xFF) - 128  # the C stores it in an int8_t first
+                    q = max(-32, min(31, q)) + 32
+                    if j < 8:
+                        sc[j] = q & 0xF
+                    else:
+                        sc[j - 8] |= (q & 0xF) << 4
+                    sc[j % 4 + 8] |= (q >> 4) << (2 * (j // 4))
+                hd = _f16_bits(_F1 / iscale)
+            else:
+                hd = _f16_bits(_F0)
+            d16 = _f16_value(hd)
+            for j in range(16):
+                s = sc[j] & 0xF if j < 8 else sc[j - 8] >> 4
+                s = (s | (((sc[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+                d = d16 * _f(s)
+                if d == _F0:
+                    continue
+                for i in range(16):
+                    L[16 * j + i] = max(-4, min(3, _nearest_int(xb[16 * j + i] / d))) + 4
+            for k in range(32):
+                y[k] = 0
+            m = 0
+            hm = 1
+            for k in range(QK):
+                if L[k] > 3:
+                    y[m] |= hm
+                    L[k] -= 4
+                m += 1
+                if m == 32:
+                    m = 0
+                    hm <<= 1
+            for h in range(2):
+                for i in range(32):
+                    k = 128 * h + i
+                    y[32 + 32 * h + i] = np.uint8(L[k] | (L[k + 32] << 2) | (L[k + 64] << 4) | (L[k + 96] << 6))
+            for j in range(12):
+                y[96 + j] = np.uint8(sc[j])
+            _put_f16(y, 108, hd)
+
+
+# ---------------------------------------------------------------- IQ4_NL / IQ4_XS
+
+
+@numba.njit
+def _iq4_scale(x, o, L, ww):
+    """The per-32 search of quantize_row_iq4_nl_impl (no quant weights, ntry 7) on x[o:o+32]:
+    returns the block's float scale (0 for an all-zero block, whose L are then 0)."""
+    mx = _F0
+    amax = _F0
+    for j in range(32):
+        ww[j] = x[o + j] * x[o + j]
+        ax = abs(x[o + j])
+        if ax > amax:
+            amax = ax
+            mx = x[o + j]
+    if amax < _EPS:
+        for j in range(32):
+            L[o + j] = 0
+        return _F0
+    d = -mx / _IQ4_F[0]
+    inv = _F1 / d
+    sumqx = _F0
+    sumq2 = _F0
+    for j in range(32):
+        idx = _best_index_iq4(inv * x[o + j])
+        L[o + j] = idx
+        q = _IQ4_F[idx]
+        wq = ww[j] * q
+        sumqx += wq * x[o + j]
+        sumq2 += wq * q
+    d = sumqx / sumq2 if sumq2 > _F0 else _F0
+    best = d * sumqx
+    for itry in range(-7, 8):
+        inv = _f(itry - 127) / mx  # (itry + values[0]) / max
+        sumqx = _F0
+        sumq2 = _F0
+        for j in range(32):
+            q = _IQ4_F[_best_index_iq4(inv * x[o + j])]
+            wq = ww[j] * q
+            sumqx += wq * x[o + j]
+            sumq2 += wq * q
+        if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@numba.njit(inline="always")
+def _pack_iq4(y, o, L, nsub):
+    for i in range(nsub):
+        for j in range(16):
+            y[o + 16 * i + j] = np.uint8(L[32 * i + j] | (L[32 * i + 16 + j] << 4))
+
+
+@numba.njit(parallel=True, cache=True)
+def _iq4_nl(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(32, np.int32)
+        ww = np.empty(32, np.float32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            s = _iq4_scale(xb, 0, L, ww)
+            _put_f16(y, 0, _f16_bits(s))
+            inv = _F1 / s if s != _F0 else _F0
+            for j in range(32):
+                L[j] = _best_index_iq4(inv * xb[j])
+            _pack_iq4(y, 2, L, 1)
+
+
+@numba.njit(parallel=True, cache=True)
+def _iq4_xs(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        L = np.empty(QK, np.int32)
+        ww = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            max_scale = _F0
+            amax_scale = _F0
+            for ib in range(8):
+                s = _iq4_scale(xb, 32 * ib, L, ww)
+                scales[ib] = s
+                if abs(s) > amax_scale:
+                    amax_scale = abs(s)
+                    max_scale = s
+            d = -max_scale / _F32
+            _put_f16(y, 0, _f16_bits(d))
+            inv = _F1 / d if d != _F0 else _F0
+            scales_h = 0
+            for k in range(4):
+                y[4 + k] = 0
+            for ib in range(8):
+                q = max(-32, min(31, _nearest_int(inv * scales[ib])))
+                dl = d * _f(q)
+                idl = _F1 / dl if dl != _F0 else _F0
+                for j in range(32):
+                    L[32 * ib + j] = _best_index_iq4(idl * xb[32 * ib + j])
+                q += 32
+                if ib % 2 == 0:
+                    y[4 + ib // 2] = np.uint8(q & 0xF)
+                else:
+                    y[4 + ib // 2] |= np.uint8((q & 0xF) << 4)
+                scales_h |= (q >> 4) << (2 * ib)
+            _put_f16(y, 2, scales_h)
+            _pack_iq4(y, 8, L, 8)
+
+
+# ---------------------------------------------------------------- legacy 32-weight types
+
+
+@numba.njit(parallel=True, cache=True)
+def _q4_1(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            mn = _FLT_MAX
+            mx = -_FLT_MAX
+            for j in range(32):
+                if xb[j] < mn:
+                    mn = xb[j]
+                if xb[j] > mx:
+                    mx = xb[j]
+            d = (mx - mn) / _F15
+            inv = _F1 / d if d != _F0 else _F0
+            _put_f16(y, 0, _f16_bits(d))
+            _put_f16(y, 2, _f16_bits(mn))
+            for j in range(16):
+                q0 = min(15, np.int64((xb[j] - mn) * inv + _HALF))
+                q1 = min(15, np.int64((xb[j + 16] - mn) * inv + _HALF))
+                y[4 + j] = np.uint8((q0 & 0xFF) | ((q1 << 4) & 0xFF))
+
+
+@numba.njit(parallel=True, cache=True)
+def _q5_0(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            amax = _F0
+            mx = _F0
+            for j in range(32):
+                if amax < abs(xb[j]):
+                    amax = abs(xb[j])
+                    mx = xb[j]
+            d = mx / _FM16
+            inv = _F1 / d if d != _F0 else _F0
+            _put_f16(y, 0, _f16_bits(d))
+            qh = 0
+            for j in range(16):
+                q0 = min(31, np.int64(xb[j] * inv + _F16_5))
+                q1 = min(31, np.int64(xb[j + 16] * inv + _F16_5))
+                y[6 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+                qh |= ((q0 & 0x10) >> 4) << j
+                qh |= ((q1 & 0x10) >> 4) << (j + 16)
+            for k in range(4):
+                y[2 + k] = np.uint8((qh >> (8 * k)) & 0xFF)
+
+
+@numba.njit(parallel=True, cache=True)
+def _q5_1(x, out, ch):
+    nb = x.shape[0]
+    for c in numba.prange((nb + ch - 1) // ch):
+        b0, b1 = _chunk(c, nb, ch)
+        for b in range(b0, b1):
+            xb = x[b]
+            y = out[b]
+            mn = _FLT_MAX
+            mx = -_FLT_MAX
+            for j in range(32):
+                if xb[j] < mn:
+                    mn = xb[j]
+                if xb[j] > mx:
+                    mx = xb[j]
+            d = (mx - mn) / _F31
+            inv = _F1 / d if d != _F0 else _F0
+            _put_f16(y, 0, _f16_bits(d))
+            _put_f16(y, 2, _f16_bits(mn))
+            qh = 0
+            for j in range(16):
+                q0 = np.int64((xb[j] - mn) * inv + _HALF) & 0xFF
+                q1 = np.int64((xb[j + 16] - mn) * inv + _HALF) & 0xFF
+                y[8 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+                qh |= ((q0 & 0x10) >> 4) << j
+                qh |= ((q1 & 0x10) >> 4) << (j + 16)
+            for k in range(4):
+                y[4 + k] = np.uint8((qh >> (8 * k)) & 0xFF)
+
+
+_KERNELS = {QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k, QT.Q2_K: _q2_k, QT.Q3_K: _q3_k,
+            QT.IQ4_NL: _iq4_nl, QT.IQ4_XS: _iq4_xs, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1}  # fmt: skip
+
+
+def quantize_blocks(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 [n, cols] (cols a multiple of the type's block size) -> uint8 [n, row_bytes]."""
+    if qtype not in _KERNELS:
+        raise ValueError(f"cannot quantise to {qtype.name}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {x.shape}")
+    n, cols = x.shape
+    per, nbytes = BLOCK_WEIGHTS[qtype], BLOCK_BYTES[qtype]
+    if cols % per:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {per}, got {cols}")
+    blocks = x.reshape(-1, per)
+    out = np.empty((blocks.shape[0], nbytes), np.uint8)
+    if blocks.shape[0]:
+        chunk = 16 if per == QK else 256  # blocks a parallel task takes (scratch arrays are per task)
+        _KERNELS[qtype](blocks, out, chunk)
+    return out.reshape(n, cols // per * nbytes)
