@@ -321,19 +321,29 @@ def _dot_group_decoded(w, wcol, e, g, act, toks, ntok, acc, isa):
 
 def _dot_group_super(w, wcol, e, g, act, toks, ntok, acc, isa):
     """As _dot_group_quant, for the super-block layouts: block b of the activation is block lead + b of the
-    records (record (lead + b) // 8, its block (lead + b) % 8)."""
+    records (record (lead + b) // 8, its block (lead + b) % 8). Whole records go through the micro-kernel
+    in one call (their scales applied once); the blocks of a record a column slice cuts, one by one."""
     xq, xd, xs = act[1], act[2], act[3]
     lead, nb = wcol
     for p in range(w.shape[2]):
-        for b in range(nb):
+        b = 0
+        while b < nb:
             rec, j = (lead + b) // 8, (lead + b) % 8
+            whole = j == 0 and nb - b >= 8
             i = 0
             while ntok - i >= TOKENS:
-                super_block_dot(isa, w, (e, g, p, rec, 0), j, xq, xd, xs,
-                                (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), b, acc, i, p)
+                tile = (toks[i], toks[i + 1], toks[i + 2], toks[i + 3])
+                if whole:
+                    super_block_dot(isa, w, (e, g, p, rec, 0), 0, 8, xq, xd, xs, tile, b, acc, i, p)
+                else:
+                    super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, tile, b, acc, i, p)
                 i += TOKENS
             for k in range(i, ntok):
-                super_block_dot(isa, w, (e, g, p, rec, 0), j, xq, xd, xs, (toks[k],), b, acc, k, p)
+                if whole:
+                    super_block_dot(isa, w, (e, g, p, rec, 0), 0, 8, xq, xd, xs, (toks[k],), b, acc, k, p)
+                else:
+                    super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, (toks[k],), b, acc, k, p)
+            b += 8 if whole else 1
 
 
 @overload(dot_group)

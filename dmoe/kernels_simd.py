@@ -415,98 +415,112 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
 
 
 @intrinsic
-def super_block_dot(typingctx, isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p):
-    """Block j (32 weights) of one 8-row record of a super-block layout (w[widx]: the record) times the Q8_0
-    blocks b of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]: per half h (16 weights) the exact
-    int32 sums S_h of q * x, less offset * xsum_h, then xd * (d * (sc . S) - dmin * m * (xsum_0 + xsum_1))."""
+def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, acc, i0, p):
+    """Blocks j .. j + n_blocks - 1 (32 weights each; n_blocks a literal: 1, or 8 for a whole record) of one
+    8-row record of a super-block layout (w[widx]: the record) times the Q8_0 blocks b.. of the tokens xrows,
+    added into acc[i0 + u, 8p .. 8p + 7]. Per block: the exact int32 sums S_h of q * x of each half h (16
+    weights) less offset * xsum_h, and the integers I = sc . S and M = m * (xsum_0 + xsum_1); across the
+    blocks, in f32 registers, F = sum of xd * I and G = sum of xd * M; at the end acc += d * F - dmin * G."""
     if not (_index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and isinstance(xrows, types.UniTuple)):
+        return None
+    if not isinstance(n_blocks, types.IntegerLiteral):
         return None
     _, bits, per16, has_min, lut, offset = SUPER_FORMATS[str(w.dtype)]
     header, dmin_at, sc_at, m_at, block, _ = super_geometry(str(w.dtype))
+    n_blk = n_blocks.literal_value
 
     def codegen(context, builder, sig, args):
-        isa_v, w_v, widx_v, j_v, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
+        isa_v, w_v, widx_v, j_v, _, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
         intp = types.intp
         rec = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
-        jj = context.cast(builder, j_v, sig.args[3], intp)
-        pay = builder.gep(rec, [builder.add(context.get_constant(intp, header),
-                                            builder.mul(jj, context.get_constant(intp, block)))])
-        blk = context.cast(builder, b_v, sig.args[8], intp)
-        rows = [context.cast(builder, r, sig.args[7].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
-        zero = context.get_constant(intp, 0)
-        xptrs = [_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, zero]) for r in rows]
-        _prefetch(builder, pay, PREFETCH_BYTES, block)
+        j0 = context.cast(builder, j_v, sig.args[3], intp)
+        b0 = context.cast(builder, b_v, sig.args[9], intp)
+        rows = [context.cast(builder, r, sig.args[8].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
         v32 = ir.VectorType(_I8, 32)
-
-        def emit(level):
-            sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in rows] for _ in range(2)]
-            high = [_load(builder, pay, v32, 128 + 32 * k) for k in range(bits - 4)]
-            for v in range(4):
-                nib = _load(builder, pay, v32, 32 * v)
-                lo, hi = builder.and_(nib, _const_vec(_I8, 0x0F, 32)), builder.lshr(nib, _const_vec(_I8, 4, 32))
-                if bits == 5:
-                    hb = high[0]
-                    lo = builder.or_(lo, builder.shl(builder.and_(builder.lshr(hb, _const_vec(_I8, 2 * v, 32)),
-                                                                  _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
-                    hi = builder.or_(hi, builder.shl(builder.and_(builder.lshr(hb, _const_vec(_I8, 2 * v + 1, 32)),
-                                                                  _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
-                elif bits == 6:
-                    hh = builder.lshr(high[v // 2], _const_vec(_I8, 4 * (v % 2), 32))
-                    lo = builder.or_(lo, builder.shl(builder.and_(hh, _const_vec(_I8, 3, 32)), _const_vec(_I8, 4, 32)))
-                    hi = builder.or_(hi, builder.shl(builder.and_(hh, _const_vec(_I8, 12, 32)), _const_vec(_I8, 2, 32)))
-                if lut:
-                    lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
-                abs_lo = _abs_if(builder, level, lo) if lut else None
-                abs_hi = _abs_if(builder, level, hi) if lut else None
-                for u, xp in enumerate(xptrs):
-                    xl, xh = _broadcast(builder, xp, 4 * v, _I32), _broadcast(builder, xp, 16 + 4 * v, _I32)
-                    sums[0][u] = _quads(builder, level, lo, abs_lo, xl, sums[0][u])
-                    sums[1][u] = _quads(builder, level, hi, abs_hi, xh, sums[1][u])
-            return sums[0] + sums[1]
-
-        sums = _by_isa(context, builder, isa_v, emit)
-        n = len(rows)
         f32s, i32s, i8s = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
 
-        def at(offset_v):  # noqa: ANN001, ANN202
-            return builder.gep(rec, [offset_v])
+        def const(v: int):  # noqa: ANN202
+            return context.get_constant(intp, v)
 
         def row_bytes(base: int, index):  # noqa: ANN001, ANN202 - the 8 rows' int8 at base + 8 * index
-            off = builder.add(context.get_constant(intp, base), builder.mul(index, context.get_constant(intp, 8)))
-            return builder.sext(_load(builder, at(off), i8s), i32s)
+            at = builder.gep(rec, [builder.add(const(base), builder.mul(index, const(8)))])
+            return builder.sext(_load(builder, at, i8s), i32s)
 
+        def block_sums(pay, xptrs):  # noqa: ANN001, ANN202
+            def emit(level):
+                sums = [[ir.Constant(i32s, None) for _ in rows] for _ in range(2)]
+                high = [_load(builder, pay, v32, 128 + 32 * k) for k in range(bits - 4)]
+                for v in range(4):
+                    nib = _load(builder, pay, v32, 32 * v)
+                    lo, hi = builder.and_(nib, _const_vec(_I8, 0x0F, 32)), builder.lshr(nib, _const_vec(_I8, 4, 32))
+                    if bits == 5:
+                        lo = builder.or_(lo, builder.shl(builder.and_(builder.lshr(high[0], _const_vec(_I8, 2 * v, 32)),
+                                                                      _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
+                        hi = builder.or_(hi, builder.shl(builder.and_(
+                            builder.lshr(high[0], _const_vec(_I8, 2 * v + 1, 32)), _const_vec(_I8, 1, 32)),
+                            _const_vec(_I8, 4, 32)))
+                    elif bits == 6:
+                        hh = builder.lshr(high[v // 2], _const_vec(_I8, 4 * (v % 2), 32))
+                        lo = builder.or_(lo, builder.shl(builder.and_(hh, _const_vec(_I8, 3, 32)),
+                                                         _const_vec(_I8, 4, 32)))
+                        hi = builder.or_(hi, builder.shl(builder.and_(hh, _const_vec(_I8, 12, 32)),
+                                                         _const_vec(_I8, 2, 32)))
+                    if lut:
+                        lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
+                    abs_lo = _abs_if(builder, level, lo) if lut else None
+                    abs_hi = _abs_if(builder, level, hi) if lut else None
+                    for u, xp in enumerate(xptrs):
+                        xl, xh = _broadcast(builder, xp, 4 * v, _I32), _broadcast(builder, xp, 16 + 4 * v, _I32)
+                        sums[0][u] = _quads(builder, level, lo, abs_lo, xl, sums[0][u])
+                        sums[1][u] = _quads(builder, level, hi, abs_hi, xh, sums[1][u])
+                return sums[0] + sums[1]
+
+            return _by_isa(context, builder, isa_v, emit)
+
+        n = len(rows)
+        F = [ir.Constant(f32s, None) for _ in rows]
+        G = [ir.Constant(f32s, None) for _ in rows]
+        for k in range(n_blk):
+            j = builder.add(j0, const(k))
+            blk = builder.add(b0, const(k))
+            pay = builder.gep(rec, [builder.add(const(header), builder.mul(j, const(block)))])
+            _prefetch(builder, pay, PREFETCH_BYTES, block)
+            xptrs = [_ptr_at(context, builder, sig.args[5], xq_v, [r, blk, const(0)]) for r in rows]
+            sums = block_sums(pay, xptrs)
+            if per16:
+                sc0 = row_bytes(sc_at, builder.mul(j, const(2)))
+                sc1 = row_bytes(sc_at, builder.add(builder.mul(j, const(2)), const(1)))
+            else:
+                sc0 = sc1 = row_bytes(sc_at, j)
+            mins = row_bytes(m_at, j) if has_min else None
+            for u, r in enumerate(rows):
+                h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[7], xs_v, [r, blk, const(h)])),
+                                       _I32) for h in (1, 2))
+                s0, s1 = sums[u], sums[n + u]
+                if offset:
+                    s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), 8))
+                    s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), 8))
+                isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1)) if per16 else builder.mul(
+                    sc0, builder.add(s0, s1))
+                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[6], xd_v, [r, blk])), 8)
+                F[u] = builder.fadd(F[u], builder.fmul(dx, builder.sitofp(isum, f32s)))
+                if has_min:
+                    xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), 8))
+                    G[u] = builder.fadd(G[u], builder.fmul(dx, builder.sitofp(xsum, f32s)))
         d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), 0), f32s)
-        if per16:
-            two_j = builder.mul(jj, context.get_constant(intp, 2))
-            sc0 = row_bytes(sc_at, two_j)
-            sc1 = row_bytes(sc_at, builder.add(two_j, context.get_constant(intp, 1)))
-        else:
-            sc0 = sc1 = row_bytes(sc_at, jj)
-        if has_min:
-            dmin = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), dmin_at), f32s)
-            mins = row_bytes(m_at, jj)
-        col = builder.mul(context.cast(builder, p_v, sig.args[11], intp), context.get_constant(intp, 8))
-        first = context.cast(builder, i0_v, sig.args[10], intp)
-        for u, r in enumerate(rows):
-            h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[6], xs_v,
-                                                        [r, blk, context.get_constant(intp, k)])), _I32)
-                      for k in (1, 2))
-            s0, s1 = sums[u], sums[n + u]
-            if offset:
-                s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), 8))
-                s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), 8))
-            isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1))
-            val = builder.fmul(d, builder.sitofp(isum, f32s))
+        dmin = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), dmin_at), f32s) if has_min else None
+        col = builder.mul(context.cast(builder, p_v, sig.args[12], intp), const(8))
+        first = context.cast(builder, i0_v, sig.args[11], intp)
+        for u in range(n):
+            val = builder.fmul(d, F[u])
             if has_min:
-                xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), 8))
-                val = builder.fsub(val, builder.fmul(dmin, builder.sitofp(xsum, f32s)))
-            dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), 8)
-            row = builder.add(first, context.get_constant(intp, u))
-            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[9], acc_v, [row, col]), f32s.as_pointer())
-            builder.store(builder.fadd(builder.load(aptr, align=1), builder.fmul(val, dx)), aptr, align=1)
+                val = builder.fsub(val, builder.fmul(dmin, G[u]))
+            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[10], acc_v, [builder.add(first, const(u)), col]),
+                                   f32s.as_pointer())
+            builder.store(builder.fadd(builder.load(aptr, align=1), val), aptr, align=1)
         return context.get_dummy_value()
 
-    return types.void(isa, w, widx, j, xq, xd, xs, xrows, b, acc, i0, p), codegen
+    return types.void(isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, acc, i0, p), codegen
 
 
 @intrinsic
