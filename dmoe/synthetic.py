@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 
@@ -118,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.qwen_tokenizer:
         from dmoe.qwen_tokenizer import build_qwen3_tokenizer_json, qwen3_chat_template
 
-        tok_json, template = build_qwen3_tokenizer_json(), qwen3_chat_template()
+        try:
+            tok_json, template = build_qwen3_tokenizer_json(), qwen3_chat_template()
+        except ModuleNotFoundError as e:
+            print(f"synthetic: error: {e}", file=sys.stderr)
+            return 1
+    if os.path.dirname(args.output):
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
     s = write_synthetic(cfg, args.type, args.output, args.seed, tokenizer_json=tok_json,
                         chat_template=template)
     print(f"wrote {args.output}: {s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "

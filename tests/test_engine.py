@@ -16,6 +16,12 @@ def _ids(vocab: int, n: int = SEQ, seed: int = 0) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
 
 
+def test_package_exports_the_engine() -> None:
+    import dmoe
+
+    assert dmoe.Engine is Engine
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_f32_logits_match_transformers(name: str, hf_checkpoint, model_file) -> None:
     eng = Engine.load(model_file(name, "f32"), max_seq_len=128, kv_type="f32", nthreads=2)

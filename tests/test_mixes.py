@@ -83,3 +83,26 @@ def test_rows_that_are_not_super_blocks_fall_back(cfg: ModelConfig) -> None:
                         num_experts_per_tok=2)
     t = tensor_types(small, "q4_k_m")
     assert t["blk.0.attn_q.weight"] == QT.Q5_0 and t["output.weight"] == QT.Q8_0 and t["blk.0.attn_v.weight"] == QT.Q8_0
+
+
+def test_synthetic_cli_writes_a_mix_into_a_new_folder(tmp_path) -> None:
+    """`python -m dmoe.synthetic ... --type q4_k_m -o models/x.m` on a fresh clone: the folder is made, the
+    file holds llama.cpp's mix, and dmoe reads it."""
+    import subprocess
+    import sys
+
+    from dmoe.modelfile import ModelFile
+
+    spec = {"model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "moe_intermediate_size": 512,
+            "num_experts": 16, "num_experts_per_tok": 2, "intermediate_size": 1024}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(spec))
+    out = tmp_path / "new" / "folder" / "x.m"
+    r = subprocess.run([sys.executable, "-m", "dmoe.synthetic", str(config), "--type", "q4_k_m", "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    with ModelFile(str(out)) as mf:
+        types = {n: t.qtype for n, t in mf.tensors.items()}
+        assert types == tensor_types(mf.config, "q4_k_m")
+        assert types["blk.1.ffn_down_exps.weight"] == QT.Q6_K and types["blk.0.ffn_down_exps.weight"] == QT.Q4_K
