@@ -190,6 +190,9 @@ class Engine:
 
     def _step(self, ids: np.ndarray, all_logits: bool) -> np.ndarray | None:
         T, pos = len(ids), self.position
+        # numba's thread count is per OS thread and the kernels' per-thread scratch is sized for ours: set it
+        # on whichever thread runs this step (a web server's worker, a thread pool), not only the loading one
+        numba.set_num_threads(self.nthreads)
         self.comm.bcast(ids)
         st = self._state(T)
         w, phase, clock = self.weights, self.phase_seconds, time.perf_counter

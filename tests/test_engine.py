@@ -16,6 +16,30 @@ def _ids(vocab: int, n: int = SEQ, seed: int = 0) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
 
 
+def test_forward_from_another_thread_uses_the_engines_threads(model_file) -> None:
+    """numba's thread count is per OS thread: a forward run from a fresh thread (whose count is every core)
+    must still run on the engine's nthreads, which its per-thread attention scratch is sized for."""
+    import threading
+
+    import numba
+
+    eng = Engine.load(model_file("a", "f32"), max_seq_len=64, kv_type="f32", nthreads=1)
+    ids = _ids(eng.config.vocab_size)
+    here = eng.forward(ids, all_logits=True)
+    eng.reset()
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        seen["logits"] = eng.forward(ids, all_logits=True)
+        seen["threads"] = numba.get_num_threads()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert seen["threads"] == 1
+    np.testing.assert_array_equal(seen["logits"], here)
+
+
 def test_package_exports_the_engine() -> None:
     import dmoe
 
