@@ -12,7 +12,9 @@ llama.cpp's (checked against libggml-base's ggml_quantize_chunk where one is ins
 tests/test_quantisers.py). A product the C evaluates more than once with the same operands (w*x, x - min)
 is computed once here: the same float32 value. Builds of ggml that fuse a*b + c (ARM64 GCC/clang
 defaults, -march with FMA on x86) differ in about 0.2-2% of blocks (gcc -march=native here); not matched.
-Kernels run over blocks in parallel (`numba.prange` over chunks of blocks).
+Kernels run over blocks in parallel (`numba.prange` over chunks of blocks). The scale searches of
+Q2_K/Q4_K/Q5_K/Q6_K (make_qkx2_quants, make_qx_quants) run 16 independent sub-blocks side by side as
+SIMD lanes, each lane doing exactly the C's operations in the C's order (see `_make_qkx2_lanes`).
 """
 
 from __future__ import annotations
@@ -115,126 +117,177 @@ def _best_index_iq4(v):
 # ---------------------------------------------------------------- ggml's scale searches
 
 
-@numba.njit
-def _make_qkx2(x, o, n, nmax, w, L, lo, laux, xm, rmin, rdelta, nstep, use_mad):
-    """make_qkx2_quants on x[o:o+n] with weights w[:n]: L[lo:lo+n] = levels, returns (scale, the_min)."""
-    mn = x[o]
-    mx = x[o]
-    sum_w = w[0]
-    sum_x = sum_w * x[o]
+@numba.njit(inline="always", error_model="numpy")
+def _make_qkx2_lanes(x, ns, n, nmax, w, L, rmin, rdelta, nstep, use_mad, xt, wt, xm, laux, ln):
+    """make_qkx2_quants on each of the ns sub-blocks x[n*j : n*j + n] (weights w[n*j + i]): levels into
+    L[n*j + i], scales into ln[0, j] and mins (the C's -min) into ln[1, j].
+
+    ggml's search runs one sub-block at a time, its sums being serial chains of dependent float adds.
+    Here the ns sub-blocks are the lanes of every loop (data transposed to xt[ns*i + j]), so each
+    sub-block's operations are the C's, in the C's order, while independent sub-blocks fill the SIMD
+    lanes: the same bytes, several times the throughput. Branches become per-lane selects; a lane's
+    results are kept only where the C would keep them. error_model numpy: a division by zero in a lane
+    the C never divides in (a constant sub-block) gives inf/NaN that is never kept, not an exception."""
+    mn, mx, sum_w, sum_x, rng, isc = ln[2], ln[3], ln[4], ln[5], ln[6], ln[7]
+    sl, sl2, sxl, ts, tm, err, best = ln[8], ln[9], ln[10], ln[11], ln[12], ln[13], ln[14]
+    scale = ln[0]
+    the_min = ln[1]
+    for j in range(ns):
+        for i in range(n):
+            xt[ns * i + j] = x[n * j + i]
+            wt[ns * i + j] = w[n * j + i]
+    for j in range(ns):
+        mn[j] = xt[j]
+        mx[j] = xt[j]
+        sum_w[j] = wt[j]
+        sum_x[j] = wt[j] * xt[j]
     for i in range(1, n):
-        xi = x[o + i]
-        if xi < mn:
-            mn = xi
-        if xi > mx:
-            mx = xi
-        sum_w += w[i]
-        sum_x += w[i] * xi
-    if mn > _F0:
-        mn = _F0
-    if mx == mn:
-        for i in range(n):
-            L[lo + i] = 0
-        return _F0, -mn
-    rng = mx - mn
+        for j in range(ns):
+            xi = xt[ns * i + j]
+            mn[j] = xi if xi < mn[j] else mn[j]
+            mx[j] = xi if xi > mx[j] else mx[j]
+            sum_w[j] += wt[ns * i + j]
+            sum_x[j] += wt[ns * i + j] * xi
     fnmax = _f(nmax)
-    iscale = fnmax / rng
-    scale = _F1 / iscale
-    best_error = _F0
+    for j in range(ns):
+        if mn[j] > _F0:
+            mn[j] = _F0
+        rng[j] = mx[j] - mn[j]
+        isc[j] = fnmax / rng[j]
+        scale[j] = _F1 / isc[j]
+        best[j] = _F0
     for i in range(n):
-        xm[i] = x[o + i] - mn
-    for i in range(n):
-        q = min(nmax, max(0, _nearest_int(iscale * xm[i])))
-        L[lo + i] = q
-        diff = scale * _f(q) + mn - x[o + i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += w[i] * diff
-    if nstep < 1:
-        return scale, -mn
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * _f(step) + fnmax) / rng
-        sum_l = _F0
-        sum_l2 = _F0
-        sum_xl = _F0
-        for i in range(n):
-            q = min(nmax, max(0, _nearest_int(iscale * xm[i])))
-            laux[i] = q
-            fq = _f(q)
-            wl = w[i] * fq
-            sum_l += wl
-            sum_l2 += wl * fq
-            sum_xl += wl * x[o + i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > _F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > _F0:
-                this_min = _F0
-                this_scale = sum_xl / sum_l2
-            cur_error = _F0
+        for j in range(ns):
+            k = ns * i + j
+            xm[k] = xt[k] - mn[j]
+            q = min(nmax, max(0, _nearest_int(isc[j] * xm[k])))
+            laux[k] = q
+            diff = scale[j] * _f(q) + mn[j] - xt[k]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += wt[k] * diff
+    for j in range(ns):
+        if mx[j] == mn[j]:  # a constant sub-block: levels 0, scale 0; never updated below
+            scale[j] = _F0
+            best[j] = -np.inf
             for i in range(n):
-                diff = this_scale * _f(laux[i]) + this_min - x[o + i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += w[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[lo + i] = laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min  # ggml's later steps measure from the new min (x - min, max - min)
-                rng = mx - mn
-                for i in range(n):
-                    xm[i] = x[o + i] - mn
-    return scale, -mn
-
-
-@numba.njit
-def _make_qx_rmse1(x, o, n, nmax, L, laux, wx, ww):
-    """make_qx_quants(n, nmax, x + o, L + o, rmse_type 1, no weights): weights x*x, returns the scale."""
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[o + i])
-        if ax > amax:
-            amax = ax
-            mx = x[o + i]
-    if amax < _EPS:
+                laux[ns * i + j] = 0
         for i in range(n):
-            L[o + i] = 0
-        return _F0
+            L[n * j + i] = laux[ns * i + j]
+    if nstep >= 1:
+        for step in range(nstep + 1):
+            for j in range(ns):
+                isc[j] = (rmin + rdelta * _f(step) + fnmax) / rng[j]
+                sl[j] = _F0
+                sl2[j] = _F0
+                sxl[j] = _F0
+            for i in range(n):
+                for j in range(ns):
+                    k = ns * i + j
+                    q = min(nmax, max(0, _nearest_int(isc[j] * xm[k])))
+                    laux[k] = q
+                    fq = _f(q)
+                    wl = wt[k] * fq
+                    sl[j] += wl
+                    sl2[j] += wl * fq
+                    sxl[j] += wl * xt[k]
+            for j in range(ns):
+                det = sum_w[j] * sl2[j] - sl[j] * sl[j]
+                this_scale = (sum_w[j] * sxl[j] - sum_x[j] * sl[j]) / det
+                this_min = (sl2[j] * sum_x[j] - sl[j] * sxl[j]) / det
+                if this_min > _F0:
+                    this_min = _F0
+                    this_scale = sxl[j] / sl2[j]
+                ts[j] = this_scale
+                tm[j] = this_min
+                err[j] = _F0
+                if not det > _F0:
+                    ts[j] = _F0
+                    err[j] = np.inf  # the C skips this candidate: never below best
+            for i in range(n):
+                for j in range(ns):
+                    k = ns * i + j
+                    diff = ts[j] * _f(laux[k]) + tm[j] - xt[k]
+                    diff = abs(diff) if use_mad else diff * diff
+                    err[j] += wt[k] * diff
+            for j in range(ns):
+                if err[j] < best[j]:
+                    for i in range(n):
+                        L[n * j + i] = laux[ns * i + j]
+                    best[j] = err[j]
+                    scale[j] = ts[j]
+                    mn[j] = tm[j]  # ggml's later steps measure from the new min (x - min, max - min)
+                    rng[j] = mx[j] - mn[j]
+                    for i in range(n):
+                        xm[ns * i + j] = xt[ns * i + j] - mn[j]
+    for j in range(ns):
+        the_min[j] = -mn[j]
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _make_qx_rmse1_lanes(x, L, xt, ww, wx, laux, ln):
+    """make_qx_quants(16, 32, x + 16*j, L + 16*j, rmse_type 1, no weights) for the 16 sub-blocks of a Q6_K
+    super-block x[256]: levels + 32 into L, scales into ln[0]. As in _make_qkx2_lanes, the 16 sub-blocks
+    are SIMD lanes (xt[16*i + j] = x[16*j + i]), each computed in the C's order; a lane whose block the C
+    skips (amax < GROUP_MAX_EPS) has levels 0, scale 0 and best = inf, so no candidate replaces them."""
+    scale, mx, amax, best, slx, sl2, isc = ln[0], ln[1], ln[2], ln[3], ln[4], ln[5], ln[6]
+    nmax = 32
     fnmax = _f(nmax)
-    for i in range(n):
-        ww[i] = x[o + i] * x[o + i]
-        wx[i] = ww[i] * x[o + i]  # (w*x[i]) of w*x[i]*l
-    iscale = -fnmax / mx
-    sumlx = _F0
-    suml2 = _F0
-    for i in range(n):
-        q = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[o + i])))
-        L[o + i] = q + nmax
-        fq = _f(q)
-        sumlx += wx[i] * fq
-        suml2 += ww[i] * fq * fq
-    scale = sumlx / suml2 if suml2 != _F0 else _F0
-    best = scale * sumlx
+    for j in range(16):
+        for i in range(16):
+            xt[16 * i + j] = x[16 * j + i]
+    for j in range(16):
+        mx[j] = _F0
+        amax[j] = _F0
+        slx[j] = _F0
+        sl2[j] = _F0
+    for k in range(256):
+        ww[k] = xt[k] * xt[k]
+        wx[k] = ww[k] * xt[k]  # (w*x[i]) of w*x[i]*l
+    for i in range(16):
+        for j in range(16):
+            xi = xt[16 * i + j]
+            ax = abs(xi)
+            bigger = ax > amax[j]
+            amax[j] = ax if bigger else amax[j]
+            mx[j] = xi if bigger else mx[j]
+    for j in range(16):
+        isc[j] = -fnmax / mx[j]
+    for i in range(16):
+        for j in range(16):
+            k = 16 * i + j
+            q = max(-nmax, min(nmax - 1, _nearest_int(isc[j] * xt[k])))
+            laux[k] = q
+            fq = _f(q)
+            slx[j] += wx[k] * fq
+            sl2[j] += ww[k] * fq * fq
+    for j in range(16):
+        skip = amax[j] < _EPS
+        s = slx[j] / sl2[j] if sl2[j] != _F0 else _F0
+        scale[j] = _F0 if skip else s
+        best[j] = np.inf if skip else s * slx[j]
+        for i in range(16):
+            L[16 * j + i] = 0 if skip else laux[16 * i + j] + nmax
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = -(fnmax + _TENTH * _f(step)) / mx
-        sumlx = _F0
-        suml2 = _F0
-        for i in range(n):
-            q = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[o + i])))
-            laux[i] = q
-            fq = _f(q)
-            sumlx += wx[i] * fq
-            suml2 += ww[i] * fq * fq
-        if suml2 > _F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[o + i] = laux[i] + nmax
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+        for j in range(16):
+            isc[j] = -(fnmax + _TENTH * _f(step)) / mx[j]
+            slx[j] = _F0
+            sl2[j] = _F0
+        for i in range(16):
+            for j in range(16):
+                k = 16 * i + j
+                q = max(-nmax, min(nmax - 1, _nearest_int(isc[j] * xt[k])))
+                laux[k] = q
+                fq = _f(q)
+                slx[j] += wx[k] * fq
+                sl2[j] += ww[k] * fq * fq
+        for j in range(16):
+            if sl2[j] > _F0 and slx[j] * slx[j] > best[j] * sl2[j]:
+                for i in range(16):
+                    L[16 * j + i] = laux[16 * i + j] + nmax
+                scale[j] = slx[j] / sl2[j]
+                best[j] = scale[j] * slx[j]
 
 
 @numba.njit
@@ -314,22 +367,34 @@ def _scale_min_k4(sc, j):
     return (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
 
 
-@numba.njit
-def _qk45_block(x, nmax, rmin, nstep, L, laux, w, xm, scales, mins, sc):
-    """The shared part of quantize_row_q4_K_ref / _q5_K_ref for one super-block x[256]: levels into L,
-    6-bit scales into sc[12]; returns the f16 bits of d and dmin."""
+@numba.njit(error_model="numpy")
+def _qk45_search(xs, nsb, nmax, rmin, nstep, L, w, xt, wt, xm, laux, ln):
+    """The per-32 weights and make_qkx2_quants searches of quantize_row_q4_K_ref / _q5_K_ref for nsb (1 or
+    2) consecutive super-blocks xs[256*nsb]: levels into L, scales / mins into ln[0] / ln[1]. Two
+    super-blocks give 16 lanes, the width (one AVX-512 register) at which LLVM vectorises the lane loops."""
+    for j in range(8 * nsb):
+        sum_x2 = _F0
+        for i in range(32):
+            sum_x2 += xs[32 * j + i] * xs[32 * j + i]
+        av_x = np.sqrt(sum_x2 / _F32)
+        for i in range(32):
+            w[32 * j + i] = av_x + abs(xs[32 * j + i])
+    if nsb == 2:
+        _make_qkx2_lanes(xs, 16, 32, nmax, w, L, rmin, _TENTH, nstep, False, xt, wt, xm, laux, ln)
+    else:
+        _make_qkx2_lanes(xs, 8, 32, nmax, w, L, rmin, _TENTH, nstep, False, xt, wt, xm, laux, ln)
+
+
+@numba.njit(error_model="numpy")
+def _qk45_block(x, nmax, L, scales, mins, sc):
+    """The rest of quantize_row_q4_K_ref / _q5_K_ref for one super-block x[256] after _qk45_search (its
+    levels L[256], scales[8], mins[8]): final levels into L, 6-bit scales into sc[12]; returns the f16
+    bits of d and dmin."""
     max_scale = _F0
     max_min = _F0
     for j in range(8):
-        sum_x2 = _F0
-        for i in range(32):
-            sum_x2 += x[32 * j + i] * x[32 * j + i]
-        av_x = np.sqrt(sum_x2 / _F32)
-        for i in range(32):
-            w[i] = av_x + abs(x[32 * j + i])
-        s, m = _make_qkx2(x, 32 * j, 32, nmax, w, L, 32 * j, laux, xm, rmin, _TENTH, nstep, False)
-        scales[j] = s
-        mins[j] = m
+        s = scales[j]
+        m = mins[j]
         if s > max_scale:
             max_scale = s
         if m > max_min:
@@ -360,74 +425,89 @@ def _qk45_block(x, nmax, rmin, nstep, L, laux, w, xm, scales, mins, sc):
 @numba.njit(parallel=True, cache=True)
 def _q4_k(x, out, ch):
     nb = x.shape[0]
+    xf = x.reshape(-1)
     for c in numba.prange((nb + ch - 1) // ch):
-        L = np.empty(QK, np.int32)
-        laux = np.empty(32, np.int32)
-        w = np.empty(32, np.float32)
-        xm = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
+        L2 = np.empty(2 * QK, np.int32)
+        laux = np.empty(2 * QK, np.int32)
+        w = np.empty(2 * QK, np.float32)
+        xt = np.empty(2 * QK, np.float32)
+        wt = np.empty(2 * QK, np.float32)
+        xm = np.empty(2 * QK, np.float32)
+        ln = np.empty((15, 16), np.float32)
         sc = np.empty(12, np.int32)
         b0, b1 = _chunk(c, nb, ch)
-        for b in range(b0, b1):
-            y = out[b]
-            hd, hm = _qk45_block(x[b], 15, _f(-1.0), 20, L, laux, w, xm, scales, mins, sc)
-            _put_f16(y, 0, hd)
-            _put_f16(y, 2, hm)
-            for j in range(12):
-                y[4 + j] = np.uint8(sc[j])
-            for j in range(4):
-                for i in range(32):
-                    y[16 + 32 * j + i] = np.uint8(L[64 * j + i] | (L[64 * j + 32 + i] << 4))
+        for bp in range(b0, b1, 2):
+            nsb = min(2, b1 - bp)
+            _qk45_search(xf[QK * bp:QK * (bp + nsb)], nsb, 15, _f(-1.0), 20, L2, w, xt, wt, xm, laux, ln)
+            for b in range(bp, bp + nsb):
+                s = b - bp
+                L = L2[QK * s:QK * s + QK]
+                y = out[b]
+                hd, hm = _qk45_block(x[b], 15, L, ln[0, 8 * s:8 * s + 8], ln[1, 8 * s:8 * s + 8], sc)
+                _put_f16(y, 0, hd)
+                _put_f16(y, 2, hm)
+                for j in range(12):
+                    y[4 + j] = np.uint8(sc[j])
+                for j in range(4):
+                    for i in range(32):
+                        y[16 + 32 * j + i] = np.uint8(L[64 * j + i] | (L[64 * j + 32 + i] << 4))
 
 
 @numba.njit(parallel=True, cache=True)
 def _q5_k(x, out, ch):
     nb = x.shape[0]
+    xf = x.reshape(-1)
     for c in numba.prange((nb + ch - 1) // ch):
-        L = np.empty(QK, np.int32)
-        laux = np.empty(32, np.int32)
-        w = np.empty(32, np.float32)
-        xm = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
+        L2 = np.empty(2 * QK, np.int32)
+        laux = np.empty(2 * QK, np.int32)
+        w = np.empty(2 * QK, np.float32)
+        xt = np.empty(2 * QK, np.float32)
+        wt = np.empty(2 * QK, np.float32)
+        xm = np.empty(2 * QK, np.float32)
+        ln = np.empty((15, 16), np.float32)
         sc = np.empty(12, np.int32)
         b0, b1 = _chunk(c, nb, ch)
-        for b in range(b0, b1):
-            y = out[b]
-            hd, hm = _qk45_block(x[b], 31, _f(-0.5), 15, L, laux, w, xm, scales, mins, sc)
-            _put_f16(y, 0, hd)
-            _put_f16(y, 2, hm)
-            for j in range(12):
-                y[4 + j] = np.uint8(sc[j])
-            for i in range(32):
-                y[16 + i] = 0
-            m1 = 1
-            m2 = 2
-            for j in range(4):
+        for bp in range(b0, b1, 2):
+            nsb = min(2, b1 - bp)
+            _qk45_search(xf[QK * bp:QK * (bp + nsb)], nsb, 31, _f(-0.5), 15, L2, w, xt, wt, xm, laux, ln)
+            for b in range(bp, bp + nsb):
+                s = b - bp
+                L = L2[QK * s:QK * s + QK]
+                y = out[b]
+                hd, hm = _qk45_block(x[b], 31, L, ln[0, 8 * s:8 * s + 8], ln[1, 8 * s:8 * s + 8], sc)
+                _put_f16(y, 0, hd)
+                _put_f16(y, 2, hm)
+                for j in range(12):
+                    y[4 + j] = np.uint8(sc[j])
                 for i in range(32):
-                    l1 = L[64 * j + i]
-                    if l1 > 15:
-                        l1 -= 16
-                        y[16 + i] |= m1
-                    l2 = L[64 * j + 32 + i]
-                    if l2 > 15:
-                        l2 -= 16
-                        y[16 + i] |= m2
-                    y[48 + 32 * j + i] = np.uint8(l1 | (l2 << 4))
-                m1 <<= 2
-                m2 <<= 2
+                    y[16 + i] = 0
+                m1 = 1
+                m2 = 2
+                for j in range(4):
+                    for i in range(32):
+                        l1 = L[64 * j + i]
+                        if l1 > 15:
+                            l1 -= 16
+                            y[16 + i] |= m1
+                        l2 = L[64 * j + 32 + i]
+                        if l2 > 15:
+                            l2 -= 16
+                            y[16 + i] |= m2
+                        y[48 + 32 * j + i] = np.uint8(l1 | (l2 << 4))
+                    m1 <<= 2
+                    m2 <<= 2
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def _q6_k(x, out, ch):
     nb = x.shape[0]
     for c in numba.prange((nb + ch - 1) // ch):
         L = np.empty(QK, np.int32)
-        laux = np.empty(16, np.int32)
-        wx = np.empty(16, np.float32)
-        ww = np.empty(16, np.float32)
-        scales = np.empty(16, np.float32)
+        laux = np.empty(QK, np.int32)
+        xt = np.empty(QK, np.float32)
+        wx = np.empty(QK, np.float32)
+        ww = np.empty(QK, np.float32)
+        ln = np.empty((7, 16), np.float32)
         isc = np.empty(16, np.int32)
         b0, b1 = _chunk(c, nb, ch)
         for b in range(b0, b1):
@@ -435,9 +515,10 @@ def _q6_k(x, out, ch):
             y = out[b]
             max_scale = _F0
             max_abs = _F0
+            _make_qx_rmse1_lanes(xb, L, xt, ww, wx, laux, ln)
+            scales = ln[0]
             for ib in range(16):
-                s = _make_qx_rmse1(xb, 16 * ib, 16, 32, L, laux, wx, ww)
-                scales[ib] = s
+                s = scales[ib]
                 if abs(s) > max_abs:
                     max_abs = abs(s)
                     max_scale = s
@@ -471,16 +552,17 @@ def _q6_k(x, out, ch):
             _put_f16(y, 208, hd)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def _q2_k(x, out, ch):
     nb = x.shape[0]
     for c in numba.prange((nb + ch - 1) // ch):
         L = np.empty(QK, np.int32)
-        laux = np.empty(16, np.int32)
-        w = np.empty(16, np.float32)
-        xm = np.empty(16, np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
+        laux = np.empty(QK, np.int32)
+        w = np.empty(QK, np.float32)
+        xt = np.empty(QK, np.float32)
+        wt = np.empty(QK, np.float32)
+        xm = np.empty(QK, np.float32)
+        ln = np.empty((15, 16), np.float32)
         sc = np.empty(16, np.int32)
         b0, b1 = _chunk(c, nb, ch)
         for b in range(b0, b1):
@@ -488,12 +570,14 @@ def _q2_k(x, out, ch):
             y = out[b]
             max_scale = _F0
             max_min = _F0
+            for i in range(QK):
+                w[i] = abs(xb[i])
+            _make_qkx2_lanes(xb, 16, 16, 3, w, L, _f(-0.5), _TENTH, 15, True, xt, wt, xm, laux, ln)
+            scales = ln[0]
+            mins = ln[1]
             for j in range(16):
-                for i in range(16):
-                    w[i] = abs(xb[16 * j + i])
-                s, m = _make_qkx2(xb, 16 * j, 16, 3, w, L, 16 * j, laux, xm, _f(-0.5), _TENTH, 15, True)
-                scales[j] = s
-                mins[j] = m
+                s = scales[j]
+                m = mins[j]
                 if s > max_scale:
                     max_scale = s
                 if m > max_min:
