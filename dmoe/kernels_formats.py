@@ -19,7 +19,13 @@ per block and defeats vectorisation:
                                     two 16-weight halves (8 + 8), int8 m (8 + 8), then the 32 int8 q of
                                     each row as Q8_0's 8 vectors (blocks.py's exact form of every type:
                                     value = d * sc * q - dmin * m). 10 bits a weight: a lossless common
-                                    ground, not yet each type's own compact layout
+                                    ground for the types without a compact layout of their own
+    Q4_K uint16, Q5_K int16, Q6_K int32, IQ4_XS int64  [E, G, 4, records, record / itemsize]: the
+                                    super-block layouts (kernels_simd.super_geometry): per 8 rows and
+                                    256-column record of the file's super-block, the rows' f16 d (and
+                                    dmin), int8 scales (and mins), then 8 blocks of nibbles plus 1 or 2
+                                    high-bit planes (IQ4_XS: nibbles index its grid); within 3% of the
+                                    file's bytes. The dtype only tells the kernels which format
     F32   float32 [E, G, cols, R]
     F16   uint16  [E, G, cols, R]   (the f16 bits)
     BF16  int16   [E, G, cols, R]   (the bf16 bits; int16 only so that kernels tell the two 16-bit

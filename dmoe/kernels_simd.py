@@ -1,7 +1,9 @@
 """The weight kernels' inner loops, written as LLVM IR through numba intrinsics: the integer
 block-dot micro-kernels of the quantised formats (`q4_0_isums`, `q8_0_isums`), which return a `Vec`
 (an LLVM vector, kept in registers) of per-row sums; `scale_add`, which scales such sums into an f32
-accumulator tile; `float_rows_dot` for the float formats; and `stack_array`, per-thread scratch.
+accumulator tile; `decoded_block_dot` and `super_block_dot`, which do both for the decoded and the
+super-block layouts (K-quants, IQ4_XS); `float_rows_dot` for the float formats; and `stack_array`,
+per-thread scratch.
 Written by hand because numba's auto-vectoriser, given the same loops, vectorises along a row (one
 horizontal sum per block), spills the accumulators, or (f32) does not vectorise at all: 5-20x
 slower. Here every vector lane is one weight row of the interleaved layouts (kernels_formats.py).
