@@ -259,8 +259,8 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
     with _Interrupt() as interrupt:
         for token in generate(engine, ids, args.sampling, args.steps, stop_ids, stats, lambda: interrupt.flag):
             out_ids.append(token)
-            if stream is not None and not args.json:
-                sys.stdout.write(stream.feed(token))
+            if not args.json:  # text as it comes; a model without a tokenizer streams its ids
+                sys.stdout.write(stream.feed(token) if stream is not None else f"{',' if out_ids[1:] else ''}{token}")
                 sys.stdout.flush()
     if args.json:
         text = tok.decode([i for i in out_ids if i not in stop_ids]) if tok is not None else None
@@ -273,8 +273,6 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
     else:
         if stream is not None:
             sys.stdout.write(stream.finish())
-        else:
-            sys.stdout.write(",".join(str(i) for i in out_ids))
         sys.stdout.write("\n")
         print(f"dmoe: {stats.summary()}", file=sys.stderr)
     if args.verbose:
