@@ -423,7 +423,10 @@ def _qk45_block(x, nmax, L, scales, mins, sc):
 
 
 @numba.njit(parallel=True, cache=True)
-def _q4_k(x, out, ch):
+def _qk45(x, out, ch, five):
+    """Q4_K (five False) and Q5_K blocks: the same search (q up to 15 or 31) and header; Q5_K's fifth bits
+    go to qh[32] before the nibbles."""
+    nmax, rmin, nstep, qs = (31, _f(-0.5), 15, 48) if five else (15, _f(-1.0), 20, 16)
     nb = x.shape[0]
     xf = x.reshape(-1)
     for c in numba.prange((nb + ch - 1) // ch):
@@ -438,64 +441,44 @@ def _q4_k(x, out, ch):
         b0, b1 = _chunk(c, nb, ch)
         for bp in range(b0, b1, 2):
             nsb = min(2, b1 - bp)
-            _qk45_search(xf[QK * bp:QK * (bp + nsb)], nsb, 15, _f(-1.0), 20, L2, w, xt, wt, xm, laux, ln)
+            _qk45_search(xf[QK * bp:QK * (bp + nsb)], nsb, nmax, rmin, nstep, L2, w, xt, wt, xm, laux, ln)
             for b in range(bp, bp + nsb):
                 s = b - bp
                 L = L2[QK * s:QK * s + QK]
                 y = out[b]
-                hd, hm = _qk45_block(x[b], 15, L, ln[0, 8 * s:8 * s + 8], ln[1, 8 * s:8 * s + 8], sc)
+                hd, hm = _qk45_block(x[b], nmax, L, ln[0, 8 * s:8 * s + 8], ln[1, 8 * s:8 * s + 8], sc)
                 _put_f16(y, 0, hd)
                 _put_f16(y, 2, hm)
                 for j in range(12):
                     y[4 + j] = np.uint8(sc[j])
-                for j in range(4):
+                if five:
                     for i in range(32):
-                        y[16 + 32 * j + i] = np.uint8(L[64 * j + i] | (L[64 * j + 32 + i] << 4))
-
-
-@numba.njit(parallel=True, cache=True)
-def _q5_k(x, out, ch):
-    nb = x.shape[0]
-    xf = x.reshape(-1)
-    for c in numba.prange((nb + ch - 1) // ch):
-        L2 = np.empty(2 * QK, np.int32)
-        laux = np.empty(2 * QK, np.int32)
-        w = np.empty(2 * QK, np.float32)
-        xt = np.empty(2 * QK, np.float32)
-        wt = np.empty(2 * QK, np.float32)
-        xm = np.empty(2 * QK, np.float32)
-        ln = np.empty((15, 16), np.float32)
-        sc = np.empty(12, np.int32)
-        b0, b1 = _chunk(c, nb, ch)
-        for bp in range(b0, b1, 2):
-            nsb = min(2, b1 - bp)
-            _qk45_search(xf[QK * bp:QK * (bp + nsb)], nsb, 31, _f(-0.5), 15, L2, w, xt, wt, xm, laux, ln)
-            for b in range(bp, bp + nsb):
-                s = b - bp
-                L = L2[QK * s:QK * s + QK]
-                y = out[b]
-                hd, hm = _qk45_block(x[b], 31, L, ln[0, 8 * s:8 * s + 8], ln[1, 8 * s:8 * s + 8], sc)
-                _put_f16(y, 0, hd)
-                _put_f16(y, 2, hm)
-                for j in range(12):
-                    y[4 + j] = np.uint8(sc[j])
-                for i in range(32):
-                    y[16 + i] = 0
+                        y[16 + i] = 0
                 m1 = 1
                 m2 = 2
                 for j in range(4):
                     for i in range(32):
                         l1 = L[64 * j + i]
-                        if l1 > 15:
+                        l2 = L[64 * j + 32 + i]
+                        if five and l1 > 15:
                             l1 -= 16
                             y[16 + i] |= m1
-                        l2 = L[64 * j + 32 + i]
-                        if l2 > 15:
+                        if five and l2 > 15:
                             l2 -= 16
                             y[16 + i] |= m2
-                        y[48 + 32 * j + i] = np.uint8(l1 | (l2 << 4))
+                        y[qs + 32 * j + i] = np.uint8(l1 | (l2 << 4))
                     m1 <<= 2
                     m2 <<= 2
+
+
+@numba.njit(cache=True)
+def _q4_k(x, out, ch):
+    _qk45(x, out, ch, False)
+
+
+@numba.njit(cache=True)
+def _q5_k(x, out, ch):
+    _qk45(x, out, ch, True)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
