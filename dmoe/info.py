@@ -37,7 +37,8 @@ def describe(path: str) -> str:
                      for n, t in mf.tensors.items() if n != "token_embd.weight")
         template = meta.get("tokenizer.chat_template")
         ftype = meta.get("general.file_type")
-        ftype_name = next((n.upper() for n, f in FILE_TYPES.items() if f.ftype == ftype and "_" in n), None)
+        names = [n for n, f in FILE_TYPES.items() if f.ftype == ftype]  # llama.cpp's name first (q4_0, not q40)
+        ftype_name = max(names, key=lambda n: "_" in n).upper() if names else None
         lines = [
             f"file            {path} ({os.path.getsize(path) / 1e9:.2f} GB, GGUF v3)",
             f"name            {meta.get('general.name', '?')}",

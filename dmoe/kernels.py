@@ -105,7 +105,6 @@ class ExpertWeights:
         """data: an already packed array of exactly this layout (e.g. mapped from a pack cache), used as is.
         col0: the first column taken from the file's rows (the super-block layouts start at its record)."""
         self.n_experts, self.rows, self.cols, self.fmt, self.col0 = n_experts, rows, cols, fmt, col0
-        self.lead = col0 % 256 // QK if fmt in _SUPER else 0  # blocks of the first record before column col0
         shape, dtype = self.layout(n_experts, rows, cols, fmt, col0)
         if data is None:
             data = np.zeros(shape, dtype)
@@ -113,6 +112,11 @@ class ExpertWeights:
             raise ValueError(f"packed {fmt} data must be {dtype} {shape}, got {data.dtype} {data.shape}")
         self.data = data
         self.quantised = fmt not in _FLOAT
+
+    @property
+    def lead(self) -> int:
+        """Blocks of the first super-block record before column col0 (0 for the other layouts)."""
+        return self.col0 % 256 // QK if self.fmt in _SUPER else 0
 
     @staticmethod
     def layout(n_experts: int, rows: int, cols: int, fmt: str, col0: int = 0) -> tuple[tuple[int, ...], np.dtype]:
@@ -146,12 +150,12 @@ class ExpertWeights:
             raise ValueError(f"{qtype.name} rows need uint8 [E, rows, whole blocks] bytes, got {raw.dtype} {raw.shape}")
         if col0 + self.cols > width or col0 % (QK if self.quantised else 1):
             raise ValueError(f"columns {col0}..{col0 + self.cols} do not fit {qtype.name} rows of {width}")
+        if self.fmt not in (DECODED_FORMAT, qtype.name):
+            raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
         if self.fmt == DECODED_FORMAT:
             repack_decoded(raw, int(qtype), col0 // QK, row0, self.data.view(np.uint8))
             return
         if self.fmt in _SUPER:
-            if self.fmt != qtype.name:
-                raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
             dtype = self.data.dtype.name
             _, bits, per16, has_min, lut, offset = SUPER_FORMATS[dtype]
             header, dmin, sc, m, block, _ = super_geometry(dtype)
@@ -159,8 +163,6 @@ class ExpertWeights:
             data = self.data.view(np.uint8).reshape(*self.data.shape[:4], -1)
             repack_super(raw, int(qtype), col0 // QK, self.cols // QK, row0, data, geometry)
             return
-        if self.fmt != qtype.name:
-            raise ValueError(f"{qtype.name} rows cannot be packed into the {self.fmt} layout")
         if self.quantised:
             bb = BLOCK_BYTES[qtype]
             repack_quant(raw[..., col0 // QK * bb:(col0 + self.cols) // QK * bb], row0, self.data)

@@ -12,6 +12,7 @@ types and llama.cpp's (`q4_k_m`, `iq4_xs`, ...: mixes.py), so hub-like files can
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ def _map_bytes(data: np.ndarray, table: np.ndarray) -> None:
         data[i] = table[data[i]]
 
 
+@functools.cache
 def _block_scale(qtype: QT) -> float:
     """random_blocks' `scale` that gives weights of std WEIGHT_STD in this type (measured on a sample)."""
     sample = random_blocks(qtype, 64, 256 * 4, np.random.default_rng(0), 1.0)
