@@ -325,31 +325,38 @@ def _dot_group_decoded(w, wcol, e, g, act, toks, ntok, acc, isa):
                 decoded_block_dot(isa, w, (e, g, p, b, 0), xq, xd, xs, (toks[j],), b, acc, j, p)
 
 
+@njit(inline="always")
+def _super_run(isa, w, e, g, p, rec, j, take, act, tile, b, acc, i0):
+    """Blocks j .. j + take - 1 of a record (take: 8, 4 or 1) in one micro-kernel call, scales applied once."""
+    xq, xd, xs = act[1], act[2], act[3]
+    if take == 8:
+        super_block_dot(isa, w, (e, g, p, rec, 0), j, 8, xq, xd, xs, tile, b, acc, i0, p)
+    elif take == 4:
+        super_block_dot(isa, w, (e, g, p, rec, 0), j, 4, xq, xd, xs, tile, b, acc, i0, p)
+    else:
+        super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, tile, b, acc, i0, p)
+
+
 def _dot_group_super(w, wcol, e, g, act, toks, ntok, acc, isa):
     """As _dot_group_quant, for the super-block layouts: block b of the activation is block lead + b of the
-    records (record (lead + b) // 8, its block (lead + b) % 8). Whole records go through the micro-kernel
-    in one call (their scales applied once); the blocks of a record a column slice cuts, one by one."""
-    xq, xd, xs = act[1], act[2], act[3]
+    records (record (lead + b) // 8, its block (lead + b) % 8). A record's blocks go through the micro-kernel
+    8 or 4 at a time (their scales applied once per call); what a column slice leaves of a record, in runs
+    of 4 and single blocks (a rank's half record, when 2 ranks split a width of 3 records)."""
     lead, nb = wcol
     for p in range(w.shape[2]):
         b = 0
         while b < nb:
             rec, j = (lead + b) // 8, (lead + b) % 8
-            whole = j == 0 and nb - b >= 8
+            left = min(8 - j, nb - b)
+            take = 8 if left == 8 else (4 if left >= 4 else 1)
             i = 0
             while ntok - i >= TOKENS:
-                tile = (toks[i], toks[i + 1], toks[i + 2], toks[i + 3])
-                if whole:
-                    super_block_dot(isa, w, (e, g, p, rec, 0), 0, 8, xq, xd, xs, tile, b, acc, i, p)
-                else:
-                    super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, tile, b, acc, i, p)
+                _super_run(isa, w, e, g, p, rec, j, take, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), b,
+                           acc, i)
                 i += TOKENS
             for k in range(i, ntok):
-                if whole:
-                    super_block_dot(isa, w, (e, g, p, rec, 0), 0, 8, xq, xd, xs, (toks[k],), b, acc, k, p)
-                else:
-                    super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, (toks[k],), b, acc, k, p)
-            b += 8 if whole else 1
+                _super_run(isa, w, e, g, p, rec, j, take, act, (toks[k],), b, acc, k)
+            b += take
 
 
 @overload(dot_group)

@@ -418,7 +418,7 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
 
 @intrinsic
 def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, acc, i0, p):
-    """Blocks j .. j + n_blocks - 1 (32 weights each; n_blocks a literal: 1, or 8 for a whole record) of one
+    """Blocks j .. j + n_blocks - 1 (32 weights each; n_blocks a literal: 1, 4, or 8 for a whole record) of one
     8-row record of a super-block layout (w[widx]: the record) times the Q8_0 blocks b.. of the tokens xrows,
     added into acc[i0 + u, 8p .. 8p + 7]. Per block: the exact int32 sums S_h of q * x of each half h (16
     weights) less offset * xsum_h, and the integers I = sc . S and M = m * (xsum_0 + xsum_1); across the

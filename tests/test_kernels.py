@@ -222,7 +222,8 @@ def decoded_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
     kernels.set_isa(HOST_ISA)
 
 
-@pytest.mark.parametrize(("col0", "cols", "n_tok"), [(0, 512, 1), (0, 512, 6), (64, 256, 3), (480, 32, 1)])
+@pytest.mark.parametrize(("col0", "cols", "n_tok"),
+                         [(0, 512, 1), (0, 512, 6), (64, 256, 3), (480, 32, 1), (128, 384, 5)])
 def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> None:
     """Random blocks (every payload bit pattern, and the scales and mins of the format), taken from any
     32-aligned column inside a 256-weight super-block, as a rank's slice of ffn_down is."""
