@@ -91,8 +91,14 @@ def run_chat(args: argparse.Namespace, engine: Engine) -> int:
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        rendered = tok.render_chat(messages, enable_thinking=turn_thinking(text, args.think))
-        ids = tok.encode(rendered)
+        try:
+            rendered = tok.render_chat(messages, enable_thinking=turn_thinking(text, args.think))
+            ids = tok.encode(rendered)
+        except Exception as e:  # noqa: BLE001 - the template (the file's code) failed on this turn: drop the turn
+            messages.pop()
+            print(f"dmoe: the chat template cannot render this turn ({type(e).__name__}: {e}); say it another "
+                  "way, or /reset", file=sys.stderr, flush=True)
+            continue
         if len(ids) >= engine.max_seq_len:
             messages.pop()
             print(f"dmoe: the conversation ({len(ids)} tokens) no longer fits the context ({engine.max_seq_len}, "

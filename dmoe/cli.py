@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from dmoe import __doc__ as package_doc
+from dmoe.supervisor import Supervisor, one_line
 
 COMMANDS = ("generate", "chat", "serve", "bench", "info")
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "qwen3-moe-demo.m")
@@ -101,15 +102,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     _check_args(args)
     from dmoe.comm import make_comm
-    from dmoe.supervisor import Supervisor
 
-    comm = make_comm()
-    sup = Supervisor(comm)
+    comm = None
+    try:
+        comm = make_comm()
+        sup = Supervisor(comm)
+    except Exception as e:  # noqa: BLE001 - no supervisor yet: say it here; the launcher stops the other ranks
+        who = f"rank {comm.rank} ({comm.host}) " if comm is not None and comm.size > 1 else ""
+        print(f"dmoe: error: {who}could not start: {one_line(e)}", file=sys.stderr, flush=True)
+        os._exit(1)
     try:
         if comm.rank != 0:  # the root decides what Ctrl-C and SIGTERM mean; mpirun forwards both to every rank
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a worker still ends when the root does: Supervisor)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        engine = _load(args, comm)
+        engine = _load(args, comm, sup)
         if comm.rank != 0:
             engine.serve_forever()
             sup.close()
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sup.fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and a clean stop of all ranks
-        sup.fail(_one_line(e))
+        sup.fail(one_line(e))
 
 
 def _run_root(args: argparse.Namespace, engine: Any, sup: Any) -> None:
@@ -138,7 +144,7 @@ def _run_root(args: argparse.Namespace, engine: Any, sup: Any) -> None:
         else:
             code = _bench(args, engine)
     except (ValueError, ContextFullError) as e:  # user errors found before any collective: a clean stop
-        print(f"dmoe: error: {_one_line(e)}", file=sys.stderr)
+        print(f"dmoe: error: {one_line(e)}", file=sys.stderr)
         code = 1
     sup.close()
     engine.close()
@@ -176,22 +182,15 @@ def _check_args(args: argparse.Namespace) -> None:
             sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, MemoryError):
-        return "out of memory" + (f": {e}" if str(e) else "")
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def _run_or_exit(fn: Any) -> None:
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        print(f"dmoe: error: {_one_line(e)}", file=sys.stderr)
+        print(f"dmoe: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 
-def _load(args: argparse.Namespace, comm: Any) -> Any:
+def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
     from dmoe.engine import Engine
 
     t0 = time.perf_counter()
@@ -199,8 +198,9 @@ def _load(args: argparse.Namespace, comm: Any) -> Any:
 
     cache = {"off": None, "auto": default_dir()}.get(args.pack_cache, args.pack_cache)
     engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
-                         moe_split=args.moe_split, comm=comm, progress=comm.rank == 0 and sys.stderr.isatty(),
-                         pack_cache=cache, preload=args.command == "bench")
+                         moe_split=args.moe_split, comm=comm, supervisor=sup,
+                         progress=comm.rank == 0 and sys.stderr.isatty(), pack_cache=cache,
+                         preload=args.command == "bench")
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "

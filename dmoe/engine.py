@@ -23,6 +23,7 @@ from dmoe.model import Layer, RunState
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore, StaleCacheError
 from dmoe.plan import ShardPlan
+from dmoe.supervisor import Supervisor, one_line
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
 
@@ -65,6 +66,7 @@ class Engine:
         self.tokens: list[int] = []  # the ids whose keys and values are in the cache
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
+        self.supervisor: Supervisor | None = None
         # where this rank's forward time went (--verbose prints the root's); the collectives are inside
         self.phase_seconds = dict.fromkeys(("embedding", "attention", "experts", "output"), 0.0)
 
@@ -95,19 +97,30 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
-             moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, progress: bool = False,
-             pack_cache: str | None = None, preload: bool = False) -> Engine:
-        """Open `path` and load this rank's shard. nthreads defaults to this host's cores divided by
-        the ranks on it; progress shows a bar over the layers; pack_cache is a directory for the pack cache
-        (see packcache.py), None for none; preload reads a mapped pack cache in whole before the first token
-        (else its pages arrive as the experts are first used)."""
+             moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
+             progress: bool = False, pack_cache: str | None = None, preload: bool = False) -> Engine:
+        """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
+        divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
+        ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
+        with rank 0 naming it; progress shows a bar over the layers; pack_cache is a directory for the pack
+        cache (see packcache.py), None for none; preload reads a mapped pack cache in whole before the first
+        token (else its pages arrive as the experts are first used)."""
         comm = comm or make_comm()
-        if nthreads is None:
-            on_host = comm.allgather_obj(comm.host).count(comm.host)
-            nthreads = max(1, (os.cpu_count() or 1) // on_host)
-        nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
-        t0 = time.perf_counter()
-        engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache, preload)
+        if supervisor is None and comm.size > 1:
+            supervisor = Supervisor(comm)
+        try:
+            if nthreads is None:
+                on_host = comm.allgather_obj(comm.host).count(comm.host)
+                nthreads = max(1, (os.cpu_count() or 1) // on_host)
+            nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+            t0 = time.perf_counter()
+            engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
+                         preload)
+        except Exception as e:
+            if supervisor is not None and comm.rank != 0:
+                supervisor.fail(one_line(e))  # the root reports it and every rank stops
+            raise  # the root's own failure: its exit ends the workers (their supervisor sees it go)
+        engine.supervisor = supervisor
         engine.load_seconds = time.perf_counter() - t0
         return engine
 
@@ -130,7 +143,7 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         self._header[:] = (_FORWARD, T, self.position, int(all_logits))
-        self.comm.bcast(self._header)
+        self.comm.send_command(self._header)
         logits = self._step(np.asarray(ids, np.int32), all_logits)
         assert logits is not None
         return logits
@@ -139,7 +152,7 @@ class Engine:
         """Keep only the first `length` cached tokens (to reuse a shared prefix)."""
         length = max(0, min(length, self.position))
         self._header[:] = (_TRUNCATE, 0, length, 0)
-        self.comm.bcast(self._header)
+        self.comm.send_command(self._header)
         del self.tokens[length:]
 
     def reset(self) -> None:
@@ -148,21 +161,33 @@ class Engine:
     def peak_rss_per_rank(self) -> list[float]:
         """Every rank's peak resident memory so far, in GB (a collective: workers answer too)."""
         self._header[:] = (_REPORT, 0, 0, 0)
-        self.comm.bcast(self._header)
+        self.comm.send_command(self._header)
         return self.comm.allgather_obj(_peak_rss_gb())
 
     def close(self) -> None:
         """Release the workers (they return from `serve_forever`)."""
         if self.is_root and self.comm.size > 1:
+            if self.supervisor is not None:
+                self.supervisor.close()
             self._header[:] = (_STOP, 0, 0, 0)
-            self.comm.bcast(self._header)
+            self.comm.send_command(self._header)
 
     # ---- workers --------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """A worker's loop: follow the root's commands until it says stop."""
+        """A worker's loop: follow the root's commands until it says stop. A failure here stops every rank."""
+        try:
+            self._follow()
+        except Exception as e:
+            if self.supervisor is not None:
+                self.supervisor.fail(one_line(e))
+            raise
+        if self.supervisor is not None:
+            self.supervisor.close()
+
+    def _follow(self) -> None:
         while True:
-            self.comm.bcast(self._header)
+            self.comm.wait_command(self._header)
             command, T, position, all_logits = (int(v) for v in self._header)
             if command == _STOP:
                 return

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API on the root: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""OpenAI-compatible HTTP API on the root: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
 The standard library's threading HTTP server parses and validates each request on its own thread, then
 queues a Job; the one engine thread (the caller of `serve`, so that signals reach it) runs the jobs in
@@ -17,6 +17,7 @@ are refused with a 400 rather than ignored; fields it does not know are ignored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import itertools
 import json
@@ -38,11 +39,13 @@ from typing import Any
 
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats
+from dmoe.metrics import ServerMetrics
 from dmoe.reasoning import opens_thinking, reply_deltas
 from dmoe.sampling import SamplingParams
 from dmoe.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 32 << 20
+DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped, so that its sender gets our reply
 WAIT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters whose other values this engine cannot honour: refused, not silently ignored.
@@ -79,7 +82,7 @@ class Delta:
 
 @dataclass
 class Finish:
-    reason: str  # "stop", "length", or "abort" (the server is stopping)
+    reason: str  # "stop" or "length"
     usage: dict[str, Any]
 
 
@@ -95,6 +98,26 @@ class Job:
     thinking: bool | None  # where the reasoning split starts; None = no split (completions)
     events: queue.Queue[Delta | Finish | APIError] = field(default_factory=queue.Queue)
     cancelled: bool = False  # the client went away
+
+
+def _lone_surrogate(value: Any, where: str = "the body") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON, not text)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where != "the body" else k)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _get(body: dict[str, Any], name: str, kind: str, default: Any = None) -> Any:
@@ -169,6 +192,7 @@ class API:
         self.stopping = threading.Event()
         self._submit_lock = threading.Lock()
         self._served = 0
+        self.metrics = ServerMetrics()
 
     # ---- requests -> jobs (handler threads) ---------------------------------------------------
 
@@ -230,9 +254,15 @@ class API:
 
     def run(self, job: Job) -> None:
         """Generate for one job, sending its text to the handler as it comes."""
-        if job.cancelled:
-            return
         stats = GenerationStats()
+
+        def count(end: str) -> None:
+            self.metrics.generation(end, stats.prompt_tokens, stats.generated_tokens)
+
+        if job.cancelled:  # its client left while it waited
+            count("cancelled")
+            return
+
         try:
             for reasoning, content in reply_deltas(self.engine, job.prompt, job.params, job.max_tokens, stats,
                                                    job.stop, job.thinking,
@@ -240,20 +270,27 @@ class API:
                 job.events.put(Delta(reasoning, content))
             cancelled = job.cancelled  # read before Finish: then the handler marks every job it is done with
         except ValueError as e:  # raised before the step's collectives (or after them): every rank is in step
+            count("error")
             job.events.put(APIError(400, str(e)))
             return
         except BaseException:
+            count("error")
             job.events.put(APIError(500, "the engine failed", kind="server_error"))
             raise
-        reason = "abort" if stats.finish_reason == "interrupted" else stats.finish_reason
-        job.events.put(Finish(reason, {
-            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}))
+        interrupted = stats.finish_reason == "interrupted"
+        end = "cancelled" if cancelled else "shutdown" if interrupted else stats.finish_reason
+        count(end)
+        if interrupted:  # the client left (nobody reads this) or the server is stopping
+            job.events.put(APIError(503, "the server is shutting down", kind="server_error"))
+        else:
+            job.events.put(Finish(stats.finish_reason, {
+                "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+                "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+                "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}))
         self._served += 1
         if self.verbose:
-            print(f"dmoe: request {self._served} ({'chat' if job.chat else 'completion'}): "
-                  f"{'cancelled' if cancelled else reason}; {stats.summary()}", file=sys.stderr, flush=True)
+            print(f"dmoe: request {self._served} ({'chat' if job.chat else 'completion'}): {end}; {stats.summary()}",
+                  file=sys.stderr, flush=True)
 
     def drain(self) -> None:
         """Refuse what is still queued once the server stops."""
@@ -283,17 +320,42 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(self._post)
 
     def _handle(self, route: Callable[[], None]) -> None:
+        """Every request gets an answer: its refusal, or a 500 for a failure of ours (never a dropped socket)."""
+        self._response_started = False  # a streamed reply's headers are out: a failure ends it with an error event
+        self._status: int | None = None
+        try:
+            self._route(route)
+        finally:
+            self.server.api.metrics.response(self.path.split("?")[0], self._status)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = code
+        super().send_response(code, message)
+
+    def _route(self, route: Callable[[], None]) -> None:
         try:
             route()
         except APIError as e:
             self._send_json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not cost the client its answer
+            print(f"dmoe: error: {self.command} {self.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                if self._response_started:
+                    self._send_event(APIError(500, "the server failed", kind="server_error").body())
+                    self._send_chunk(b"")
+                else:
+                    self._send_json(500, APIError(500, f"the server failed: {type(e).__name__}",
+                                                  kind="server_error").body())
 
     def _authorise(self) -> None:
         key = self.server.api.api_key
         given = self.headers.get("Authorization", "")
-        if key is not None and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        if key is not None and not hmac.compare_digest(given.encode(errors="replace"), f"Bearer {key}".encode()):
+            if self.command == "POST":
+                self._discard_body(1 << 20, 1.0)  # a stranger's body: a little, briefly
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
@@ -302,6 +364,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/health":
             self._send_json(200, {"status": "ok"})
+            return
+        if path == "/metrics":  # unauthenticated, as /health: counts only, for a scraper
+            self._send(200, *api.metrics.render())
             return
         self._authorise()
         model = {"id": api.model_name, "object": "model", "created": api.created, "owned_by": "dmoe",
@@ -314,8 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no such endpoint or model: GET {path}", code="not_found")
 
     def _post(self) -> None:
+        self._authorise()  # before the body: a stranger does not get to make us read 32 MB
         body = self._read_json()
-        self._authorise()
         api = self.server.api
         path = self.path.split("?")[0]
         if path == "/v1/chat/completions":
@@ -342,16 +407,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise APIError(411, "send the JSON body with a Content-Length")
         if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
+            self._discard_body()
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(int(length))
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the body is not valid JSON: {type(e).__name__}: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
+        where = _lone_surrogate(body)
+        if where is not None:
+            raise APIError(400, f"{where} holds a lone UTF-16 surrogate (not a character); send valid Unicode",
+                           None if where == "the body" else where)
         return body
+
+    def _discard_body(self, limit: int = DISCARD_BYTES, timeout: float = 5.0) -> None:
+        """Read (up to limit bytes, for at most about timeout seconds of silence) and drop a body we refuse
+        before the reply, so that a client still sending it reads our answer instead of a reset connection;
+        then close."""
+        self.close_connection = True
+        length = self.headers.get("Content-Length") or "0"
+        left = min(int(length) if length.isdigit() else 0, limit)
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.settimeout(timeout)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _events(self, job: Job) -> Iterator[Delta | Finish]:
         """The job's events until it finishes; an engine error is raised; a vanished client cancels it."""
@@ -386,6 +470,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(e.status, e.body())
             return
         self.send_response(200)
+        self._response_started = True
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
@@ -413,9 +498,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _send_json(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")

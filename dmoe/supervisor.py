@@ -2,25 +2,34 @@
 
 MPI alone cannot do this: a rank blocked in a collective waits forever for a peer that died,
 and the launcher's own clean-up (if any) kills the root before it can say anything useful.
-So besides MPI every worker holds a TCP connection to the root, watched by a thread on both
-sides. A worker that fails sends its reason and exits; a worker that dies (kill -9, the OOM
-killer) closes its socket as the kernel reaps it. Either way the root's watcher prints
-"rank R (host) ...: reason" and exits non-zero, which closes every other worker's connection,
-and their watchers exit too. The connection carries nothing on the hot path.
+So besides MPI every worker holds a TCP connection to the root, watched on the root's side by its
+watchdog process (watchdog.py: a thread of the root lost the race against the launcher's clean-up)
+and on a worker's by a thread. A worker that fails sends its reason and exits; a worker that dies
+(kill -9, the OOM killer) closes its socket as the kernel reaps it. Either way the watchdog prints
+"rank R (host) ...: reason" and ends the root, which closes every other worker's connection, and
+their watchers exit too. The connection carries nothing on the hot path.
+
+The handshake is authenticated: the root broadcasts a random nonce over MPI, and only a connection that
+presents it (within HANDSHAKE_TIMEOUT_S, one line) counts as a worker; anything else (a port scanner, a
+stray client) is closed. With every rank on one host the root listens on loopback only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
-import select
+import secrets
 import socket
+import subprocess
 import sys
 import threading
+import time
 
 from dmoe.comm import LocalComm, MPIComm
 
-CONNECT_TIMEOUT_S = 30.0
+HANDSHAKE_TIMEOUT_S = 60.0  # for every worker to connect and introduce itself (workers start at once)
+LINE_TIMEOUT_S = 5.0  # for one connection to send its introduction line
 REPORT_WAIT_S = 3.0  # how long a failing worker waits for the root to report it
 
 
@@ -34,6 +43,14 @@ def _candidate_addresses() -> list[str]:
     return addrs
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as the one line a user reads."""
+    if isinstance(e, MemoryError):
+        return "out of memory" + (f": {e}" if str(e) else "")
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 class Supervisor:
     """Create on every rank right after MPI starts; `fail` on any rank's error; `close` when done."""
 
@@ -41,57 +58,75 @@ class Supervisor:
         self.comm = comm
         self.closing = False
         self._peers: dict[socket.socket, tuple[int, str]] = {}
-        self._reasons: dict[int, str] = {}
         self._root: socket.socket | None = None
+        self._watchdog: int | None = None  # the root's end of the pipe to its watchdog
         if comm.size == 1:
             return
+        one_host = len(set(comm.allgather_obj(comm.host))) == 1
         if comm.rank == 0:
-            server = socket.create_server(("0.0.0.0", 0))
-            server.settimeout(CONNECT_TIMEOUT_S)
-            comm.bcast_obj((_candidate_addresses(), server.getsockname()[1]))
-            for _ in range(comm.size - 1):
-                conn, _addr = server.accept()
-                conn.settimeout(None)
-                rank, host = conn.makefile().readline().split(maxsplit=1)
-                self._peers[conn] = (int(rank), host.strip())
-            server.close()
-            threading.Thread(target=self._watch_workers, daemon=True).start()
+            nonce = secrets.token_hex(16)
+            with socket.create_server(("127.0.0.1" if one_host else "0.0.0.0", 0)) as server:
+                addrs = ["127.0.0.1"] if one_host else _candidate_addresses()
+                comm.bcast_obj((addrs, server.getsockname()[1], nonce))
+                self._accept_workers(server, nonce)
+            self._start_watchdog()
         else:
-            addrs, port = comm.bcast_obj(None)
+            addrs, port, nonce = comm.bcast_obj(None)
             self._root = self._connect(addrs, port)
             self._root.settimeout(None)
-            self._root.sendall(f"{comm.rank} {comm.host}\n".encode())
+            self._root.sendall(f"{nonce} {comm.rank} {comm.host}\n".encode())
             threading.Thread(target=self._watch_root, daemon=True).start()
+
+    def _accept_workers(self, server: socket.socket, nonce: str) -> None:
+        """Take connections until every worker has introduced itself with the nonce; close the others."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while len(self._peers) < self.comm.size - 1:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                known = {rank for rank, _ in self._peers.values()}
+                missing = [r for r in range(1, self.comm.size) if r not in known]
+                raise TimeoutError(f"rank(s) {missing} did not connect to rank 0 within {HANDSHAKE_TIMEOUT_S:.0f} s")
+            server.settimeout(left)
+            try:
+                conn, _addr = server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(min(left, LINE_TIMEOUT_S))
+            try:
+                token, rank_text, host = conn.makefile("rb").readline(512).decode().split(maxsplit=2)
+                rank = int(rank_text)
+                known = {r for r, _ in self._peers.values()}
+                if hmac.compare_digest(token.encode(), nonce.encode()) and 0 < rank < self.comm.size \
+                        and rank not in known:
+                    conn.settimeout(None)
+                    self._peers[conn] = (rank, host.strip())
+                    continue
+            except (OSError, ValueError):  # silent, garbled, or not ours
+                pass
+            conn.close()
 
     @staticmethod
     def _connect(addrs: list[str], port: int) -> socket.socket:
         for addr in addrs:
             try:
-                return socket.create_connection((addr, port), timeout=5)
+                return socket.create_connection((addr, port), timeout=LINE_TIMEOUT_S)
             except OSError:
                 continue
         raise ConnectionError(f"cannot reach rank 0 on port {port} at any of {addrs}")
 
-    def _watch_workers(self) -> None:
-        """Root: any worker's message or disconnect, unless we are closing, ends the job."""
-        open_peers = list(self._peers)
-        while open_peers:
-            readable, _, _ = select.select(open_peers, [], [])
-            for conn in readable:
-                rank, host = self._peers[conn]
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    data = b""
-                if data:
-                    self._reasons[rank] = self._reasons.get(rank, "") + data.decode(errors="replace")
-                    continue
-                open_peers.remove(conn)
-                if self.closing and rank not in self._reasons:
-                    continue
-                reason = self._reasons.get(rank, "").strip() or "exited unexpectedly (killed, or out of memory)"
-                print(f"dmoe: error: rank {rank} ({host}) failed: {reason}", file=sys.stderr, flush=True)
-                os._exit(1)
+    def _start_watchdog(self) -> None:
+        """Hand the workers' connections to the watchdog process (watchdog.py), keeping a pipe to it."""
+        control, self._watchdog = os.pipe()
+        fds = [conn.fileno() for conn in self._peers]
+        sys.stderr.flush()
+        subprocess.Popen([sys.executable, "-I", os.path.join(os.path.dirname(__file__), "watchdog.py"),
+                          str(os.getpid()), str(control),
+                          *(f"{conn.fileno()}:{rank}:{host}" for conn, (rank, host) in self._peers.items())],
+                         pass_fds=[control, *fds], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL)
+        os.close(control)
+        for conn in self._peers:
+            conn.close()  # the watchdog's copies are the ones that count
 
     def _watch_root(self) -> None:
         """Worker: the root's disconnect means the job is over; leave quietly (the root has spoken)."""
@@ -124,5 +159,8 @@ class Supervisor:
     def close(self) -> None:
         """Normal end: disconnects from here on are expected."""
         self.closing = True
+        if self._watchdog is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._watchdog, b"c")
         if self._root is not None:
             self._root.close()

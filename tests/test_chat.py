@@ -165,6 +165,19 @@ def test_exit_reset_and_a_conversation_too_long(engine: Engine, monkeypatch: pyt
     assert len(stats) == 2 and stats[0][0] == stats[1][0]  # the long message was dropped; /reset started over
 
 
+def test_a_template_error_ends_only_its_turn(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The template is the file's code: when it raises on a message, that turn is dropped, the session goes on."""
+    tok = engine.tokenizer
+    assert tok is not None and tok.chat_template is not None
+    strict = "{% if messages[-1].content == 'boom' %}{{ raise_exception('no booms') }}{% endif %}" + tok.chat_template
+    monkeypatch.setattr(tok, "chat_template", strict)
+    code, out, err = talk(engine, ["boom", "Hi"], monkeypatch, capsys)
+    stats = turns(err)
+    assert code == 0 and "cannot render this turn" in err and "no booms" in err and "Traceback" not in err
+    assert stats == [(len(prompt_ids(engine, [{"role": "user", "content": "Hi"}], True)), 0)]  # 'boom' is not kept
+
+
 # ---- through a pipe, under mpirun -------------------------------------------------------------------------
 
 

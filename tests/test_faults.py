@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
+import pytest
+from processes import wait_for_output
+from test_server import CONTEXT, NAME, rank_processes, start_server
+
+from dmoe import supervisor
 from dmoe.config import ModelConfig
+from dmoe.supervisor import Supervisor
 from dmoe.synthetic import write_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,20 +53,24 @@ def _wait_all_gone(marker: str, proc: subprocess.Popen, seconds: float) -> float
     raise AssertionError(f"ranks still running {seconds} s after the failure: {_rank_pids(marker)}")
 
 
+def _start(cmd: list[str], marker: str, n: int) -> subprocess.Popen:
+    """Start an mpirun job and wait until its n ranks run (stdout and stderr piped)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_rank_pids(marker)) < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the job did not start: {proc.stderr.read()}")
+        time.sleep(0.2)
+    return proc
+
+
 def test_killed_worker_stops_every_rank(long_model) -> None:
     marker = long_model
-    proc = subprocess.Popen(["mpirun", "-n", "3", *LAUNCH, "--model", long_model, "--prompt-ids", "1,2,3",
-                             "--steps", "1000000", "--max-seq-len", "200000", "--moe-split", "experts"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _start(["mpirun", "-n", "3", *LAUNCH, "--model", long_model, "--prompt-ids", "1,2,3", "--steps",
+                   "1000000", "--max-seq-len", "200000", "--moe-split", "experts"], marker, 3)
     try:
-        deadline = time.monotonic() + 120
-        while len(_rank_pids(marker)) < 3:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"the job did not start: {proc.stderr.read()}")
-            time.sleep(0.2)
-        time.sleep(8)  # loaded (a few seconds) and well into generating
-        assert proc.poll() is None, proc.stderr.read()
+        wait_for_output(proc)  # generating
         os.kill(_rank_pids(marker)[2], signal.SIGKILL)
         _wait_all_gone(marker, proc, 10)
         err = proc.stderr.read()
@@ -66,6 +79,20 @@ def test_killed_worker_stops_every_rank(long_model) -> None:
             proc.kill()
     assert proc.returncode != 0
     assert "rank 2 (" in err and "failed" in err, err
+
+
+def test_killed_root_stops_the_workers(long_model) -> None:
+    marker = long_model
+    proc = _start(["mpirun", "-n", "2", *LAUNCH, "--model", long_model, "--prompt-ids", "1,2,3", "--steps",
+                   "1000000", "--max-seq-len", "200000"], marker, 2)
+    try:
+        wait_for_output(proc)
+        os.kill(_rank_pids(marker)[0], signal.SIGKILL)
+        _wait_all_gone(marker, proc, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
 
 
 def _mpmd(rank0: list[str], rank1: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
@@ -106,3 +133,132 @@ def test_every_rank_rejects_a_foreign_file(tmp_path) -> None:
     assert r.returncode != 0
     assert "not a GGUF/.m file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+class _RootComm:
+    """Rank 0 of a world of `size` on one host, for the supervisor's handshake without MPI: bcast_obj keeps
+    what the root would send the workers."""
+
+    rank, host = 0, "here"
+
+    def __init__(self, size: int) -> None:
+        self.size, self.sent, self.ready = size, None, threading.Event()
+
+    def allgather_obj(self, obj: object) -> list[object]:
+        return [obj] * self.size
+
+    def bcast_obj(self, obj: object) -> object:
+        self.sent = obj
+        self.ready.set()
+        return obj
+
+
+def _handshake(size: int, clients: Callable[[list[str], int, str], None]) -> Supervisor:
+    """Run rank 0's handshake while `clients(addrs, port, nonce)` connects to it (from another thread)."""
+    comm = _RootComm(size)
+    box: dict[str, object] = {}
+    t = threading.Thread(target=lambda: box.update(sup=_catch(lambda: Supervisor(comm))))
+    t.start()
+    assert comm.ready.wait(30)
+    clients(*comm.sent)
+    t.join(30)
+    result = box["sup"]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _catch(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - handed to the test's thread
+        return e
+
+
+def test_handshake_takes_only_workers_with_the_nonce(monkeypatch) -> None:
+    """A silent connection, garbage, a wrong nonce and a duplicate rank are closed; the two workers count."""
+    monkeypatch.setattr(supervisor, "LINE_TIMEOUT_S", 0.5)
+    kept = []
+
+    def clients(addrs: list[str], port: int, nonce: str) -> None:
+        assert addrs == ["127.0.0.1"]  # one host: loopback only
+        for line in (None, b"GET / HTTP/1.1\r\n\r\n", b"0123456789abcdef 1 x\n", f"{nonce} 1 host-a\n".encode(),
+                     f"{nonce} 1 again\n".encode(), f"{nonce} 9 nobody\n".encode(), f"{nonce} 2 host-b\n".encode()):
+            s = socket.create_connection((addrs[0], port))
+            if line is not None:
+                s.sendall(line)
+            kept.append(s)
+
+    sup = _handshake(3, clients)
+    assert sorted(sup._peers.values()) == [(1, "host-a"), (2, "host-b")]
+    sup.close()
+    for s in kept:
+        s.close()
+
+
+def test_handshake_times_out_naming_the_missing_rank(monkeypatch) -> None:
+    monkeypatch.setattr(supervisor, "HANDSHAKE_TIMEOUT_S", 1.0)
+    kept = []
+
+    def clients(addrs: list[str], port: int, nonce: str) -> None:
+        kept.append(socket.create_connection((addrs[0], port)))
+        kept[-1].sendall(f"{nonce} 1 host-a\n".encode())
+
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[2\] did not connect"):
+        _handshake(3, clients)
+    for s in kept:
+        s.close()
+
+
+LIBRARY_SCRIPT = """
+import sys
+from dmoe import Engine
+from dmoe.comm import make_comm
+
+comm = make_comm()
+engine = Engine.load(sys.argv[1] if comm.rank == 0 else sys.argv[2], max_seq_len=64, comm=comm)
+if engine.is_root:
+    engine.forward([1, 2, 3])
+    engine.close()
+else:
+    engine.serve_forever()
+"""
+
+
+def test_library_use_under_mpirun_stops_every_rank(long_model, tmp_path) -> None:
+    """The README's Python use, run on 2 ranks, with a rank 1 that cannot open its file: no hang, rank 0
+    names rank 1 and its reason, non-zero; with both files good it runs and ends cleanly."""
+    script = tmp_path / "use.py"
+    script.write_text(LIBRARY_SCRIPT)
+    run = ["mpirun", "-n", "2", sys.executable, str(script), long_model]
+    env = {**os.environ, "PYTHONPATH": ROOT}  # the checkout's dmoe, installed or not
+    r = subprocess.run([*run, "/nonexistent/model.m"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "rank 1 (" in r.stderr and "no such file" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([*run, long_model], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_killed_worker_while_serving(text_model, tmp_path) -> None:
+    """kill -9 a worker in the middle of a stream: the client gets an error, not a hang; every rank exits
+    within 10 s, non-zero, and rank 0 names the rank."""
+    server = start_server(text_model(), tmp_path / "stderr.log", ranks=2)
+    try:
+        ranks = rank_processes(server)
+        stream = iter(server.client().chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Talk."}], max_tokens=CONTEXT - 64, temperature=0,
+            stream=True))
+        next(stream)
+        ranks[1].kill()
+        with pytest.raises(Exception) as e:  # the stream breaks off  # noqa: B017 - httpx's or openai's error
+            for _ in stream:
+                pass
+        print(f"the client got {type(e.value).__name__}: {e.value}")
+        t0 = time.monotonic()
+        code = server.proc.wait(10)
+        for p in ranks.values():
+            p.wait(max(0.1, 10 - (time.monotonic() - t0)))
+    finally:
+        server.stop()
+    assert code != 0
+    assert "rank 1 (" in server.log_text() and "failed" in server.log_text(), server.log_text()

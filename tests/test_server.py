@@ -5,10 +5,12 @@ and protocol are the real ones, which is what these tests are about."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
+import soak
 
 from dmoe.modelfile import ModelFile
 from dmoe.qwen_tokenizer import qwen3_chat_template
@@ -31,6 +35,7 @@ KEY = "sk-test-key"
 NAME = "tiny"
 CONTEXT = 1024
 GREEDY: dict[str, Any] = {"temperature": 0.0}
+IDLE_S = 5.0  # how long the idle test watches the ranks (bench/soak.py watches 30 s)
 
 
 @dataclass
@@ -250,6 +255,9 @@ def test_bad_requests_get_openai_errors(server: Server) -> None:
         ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
         ("/v1/completions", {"prompt": {"text": "x"}}, 400, "prompt"),
         ("/v1/embeddings", {"input": "x"}, 404, None),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400,
+         "messages[0].content"),
+        ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
     ]
     for path, body, status, param in cases:
         got, answer = server.request("POST", path, body)
@@ -265,6 +273,33 @@ def test_bad_requests_get_openai_errors(server: Server) -> None:
     assert r.usage.completion_tokens >= 1
 
 
+def raw_post(server: Server, head: bytes, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """Send a request as raw bytes (any Content-Length, any body) and read the answer: (status, JSON)."""
+    u = urllib.parse.urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(head + b"\r\n\r\n")
+        s.sendall(body)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, json.loads(resp.read())
+
+
+def test_a_body_too_large_is_answered(server: Server) -> None:
+    """40 MB: refused with a 413 the client reads (the body is drained, not reset under its sender)."""
+    body = b'{"messages": "' + b"x" * (40 << 20) + b'"}'
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n" \
+           f"Content-Length: {len(body)}"
+    status, answer = raw_post(server, head.encode(), body)
+    assert status == 413 and "larger than" in answer["error"]["message"]
+
+
+def test_api_key_is_checked_before_the_body(server: Server) -> None:
+    """A wrong key announcing 32 MB and sending none is refused at once, not waited for."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n" \
+           b"Content-Length: 33554432"
+    assert raw_post(server, head)[0] == 401
+
+
 def test_api_key(server: Server) -> None:
     for key in ("wrong", None):
         status, answer = server.request("GET", "/v1/models", key=key)
@@ -272,6 +307,44 @@ def test_api_key(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         chat(server.client(api_key="wrong"), "Hi", max_tokens=2)
     assert server.request("GET", "/health", key=None)[0] == 200
+
+
+def rank_processes(server: Server) -> dict[int, psutil.Process]:
+    """The job's rank processes (mpirun's descendants running launch.py; not rank 0's watchdog), by PMI_RANK."""
+    ranks = {}
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "PMI_RANK" in (env := p.environ()) and any(a.endswith("launch.py") for a in p.cmdline()):
+                ranks[int(env["PMI_RANK"])] = p
+    return ranks
+
+
+def test_idle_ranks_sleep(server: Server) -> None:
+    """Between requests no rank spins: the worker polls the root's next command asleep (MPI's own wait spins a
+    core at 100%), and answers the next request as before."""
+    assert chat(server.client(), "Wake up.", max_tokens=2, **GREEDY).choices
+    ranks = rank_processes(server)
+    assert sorted(ranks) == [0, 1]
+    time.sleep(0.5)  # past the worker's hot spin after a command (comm.SPIN_S): what follows is idle
+    before = {r: p.cpu_times() for r, p in ranks.items()}
+    t0 = time.monotonic()
+    time.sleep(IDLE_S)  # the measurement is of this wait
+    elapsed = time.monotonic() - t0
+    for r, p in ranks.items():
+        after = p.cpu_times()
+        busy = (after.user + after.system - before[r].user - before[r].system) / elapsed
+        assert busy < 0.02, f"rank {r} used {busy:.1%} of a core while idle"
+    assert chat(server.client(), "Still there?", max_tokens=2, **GREEDY).choices
+
+
+def test_soak(server: Server) -> None:
+    """A short soak (bench/soak.py runs 1,000 requests): 8 clients, 60 requests, a fifth dropped mid-stream,
+    a tenth malformed; every answer right, /metrics in step, the root's threads and descriptors back."""
+    report = soak.soak(server.url, KEY, NAME, rank_processes(server)[0].pid, requests=60, clients=8)
+    assert not report.failures, report.failures
+    assert not soak.check_counts(report), soak.check_counts(report)
+    for what, (before, after) in report.root.items():
+        assert after <= before + (64 if what == "rss MB" else 0), (what, before, after)
 
 
 def test_sigterm_stops_cleanly(server: Server) -> None:
