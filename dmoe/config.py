@@ -137,21 +137,26 @@ class ModelConfig:
                 raise ConfigError(f"model file: missing metadata key {a}.{key}")
             return meta[f"{a}.{key}"]
 
-        heads = int(need("attention.head_count"))
-        hidden = int(need("embedding_length"))
-        return cls(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=int(need("block_count")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv", heads)),
-            head_dim=int(meta.get(f"{a}.attention.key_length", hidden // heads)),
-            moe_intermediate_size=int(need("expert_feed_forward_length")),
-            num_experts=int(need("expert_count")),
-            num_experts_per_tok=int(need("expert_used_count")),
-            norm_topk_prob=bool(meta.get("dmoe.norm_topk_prob", True)),
-            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(need("context_length")),
-            tie_word_embeddings=tied,
-        )
+        try:
+            heads = int(need("attention.head_count"))
+            hidden = int(need("embedding_length"))
+            return cls(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                num_hidden_layers=int(need("block_count")),
+                num_attention_heads=heads,
+                num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv", heads)),
+                head_dim=int(meta.get(f"{a}.attention.key_length", hidden // max(heads, 1))),
+                moe_intermediate_size=int(need("expert_feed_forward_length")),
+                num_experts=int(need("expert_count")),
+                num_experts_per_tok=int(need("expert_used_count")),
+                norm_topk_prob=bool(meta.get("dmoe.norm_topk_prob", True)),
+                rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+                rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+                max_position_embeddings=int(need("context_length")),
+                tie_word_embeddings=tied,
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"model file: a metadata value of the wrong type or size ({e})") from None

@@ -8,6 +8,7 @@ are checked against the config and the file size before any is used.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import struct
@@ -22,6 +23,7 @@ from dmoe.config import ARCH, ConfigError, ModelConfig
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_NAME = 256  # longer than any real tensor name (ggml's limit is 64)
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -31,6 +33,12 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 
 class ModelFileError(Exception):
     """A file that is not a usable .m, with a message that says what is wrong."""
+
+
+def _short(value: Any) -> str:
+    """A header value in a one-line message: repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -160,17 +168,22 @@ class ModelFile:
         self.metadata = meta
         arch = meta.get("general.architecture")
         if arch != ARCH:
-            raise ModelFileError(f"architecture is {arch!r}, expected {ARCH!r} (a Qwen3-MoE model)")
+            raise ModelFileError(f"architecture is {_short(arch)}, expected {ARCH!r} (a Qwen3-MoE model)")
 
         raw_infos = []
         for _ in range(n_tensors):
+            at = cur.pos
             name = cur.string()
+            if len(name) > MAX_NAME or not name.isprintable():
+                raise ModelFileError(f"corrupt header: the tensor name at byte {at} is not a name ({len(name)} chars)")
             ndim = cur.scalar("<I")
-            if ndim > 4:
+            if not 1 <= ndim <= 4:
                 raise ModelFileError(f"corrupt header: tensor {name} has {ndim} dimensions")
             ne = [cur.scalar("<Q") for _ in range(ndim)]
             raw_infos.append((name, ne, cur.scalar("<I"), cur.scalar("<Q")))
-        align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+            raise ModelFileError(f"corrupt header: general.alignment is {_short(align)}, not a power of two")
         data_start = (cur.pos + align - 1) // align * align
 
         tensors: dict[str, TensorInfo] = {}
@@ -186,7 +199,7 @@ class ModelFile:
                 )
             shape = tuple(int(n) for n in reversed(ne))
             try:
-                nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * quant.row_bytes(qtype, shape[-1])
+                nbytes = math.prod(shape[:-1]) * quant.row_bytes(qtype, shape[-1])  # exact: no int64 wrap
             except ValueError as e:
                 raise ModelFileError(f"tensor {name}: {e}") from None
             info = TensorInfo(name, qtype, shape, data_start + rel, nbytes)
@@ -205,6 +218,9 @@ class ModelFile:
             )
         except ConfigError as e:
             raise ModelFileError(str(e)) from None
+        if self.config.num_hidden_layers * 11 > len(tensors):  # before listing the tensors of that many layers
+            raise ModelFileError(f"the header says {self.config.num_hidden_layers} layers; the file holds "
+                                 f"{len(tensors)} tensors")
         for name, shape in expected_shapes(self.config).items():
             if name not in tensors:
                 raise ModelFileError(f"missing tensor {name}")

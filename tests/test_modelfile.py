@@ -124,11 +124,14 @@ def test_llama_cpp_keys_and_names(model_file) -> None:
 
 
 def _write_gguf(path: str, cfg: ModelConfig, types: dict[str, QT], arch: str = "qwen3moe",
-                drop: str | None = None, reshape: str | None = None) -> dict[str, np.ndarray]:
+                drop: str | None = None, reshape: str | None = None, alignment: int | None = None
+                ) -> dict[str, np.ndarray]:
     """A file written with the gguf package alone, the way llama.cpp's converter does (no dmoe keys)."""
     from dmoe.modelfile import expected_shapes
 
     w = gguf.GGUFWriter(path, arch)
+    if alignment is not None:
+        w.add_uint32("general.alignment", alignment)
     meta = cfg.gguf_metadata()
     w.add_context_length(meta["qwen3moe.context_length"])
     w.add_embedding_length(cfg.hidden_size)
@@ -199,6 +202,7 @@ def test_truncated_file_is_refused(tmp_path, cut: str) -> None:
     ("magic", "not a GGUF"), ("arch", "architecture is 'llama'"), ("missing", "missing tensor blk.0.attn_k.weight"),
     ("shape", "blk.0.ffn_norm.weight has shape"), ("nofile", "no such file"),
     ("type", r"tensor blk.0.attn_q.weight: type IQ2_XXS is not supported \(supported: F32, F16, BF16, Q4_0, .*Q6_K"),
+    ("ndim", "tensor blk.0.attn_q.weight has 0 dimensions"), ("align", "general.alignment is 3, not a power of two"),
 ])
 def test_bad_files_are_refused(tmp_path, case: str, message: str) -> None:
     path = str(tmp_path / "bad.gguf")
@@ -210,13 +214,18 @@ def test_bad_files_are_refused(tmp_path, case: str, message: str) -> None:
         _write_gguf(path, SMALL, {}, drop="blk.0.attn_k.weight")
     elif case == "shape":
         _write_gguf(path, SMALL, {}, reshape="blk.0.ffn_norm.weight")
-    elif case == "type":
+    elif case in ("type", "ndim"):
         _write_gguf(path, SMALL, {})
         raw = bytearray(Path(path).read_bytes())
         name = b"blk.0.attn_q.weight"
         i = raw.index(name) + len(name)  # then: n_dims u32, 2 x u64 dims, type u32
-        raw[i + 4 + 16:i + 4 + 16 + 4] = int(QT.IQ2_XXS).to_bytes(4, "little")
+        if case == "type":
+            raw[i + 4 + 16:i + 4 + 16 + 4] = int(QT.IQ2_XXS).to_bytes(4, "little")
+        else:
+            raw[i:i + 4] = bytes(4)
         Path(path).write_bytes(bytes(raw))
+    elif case == "align":
+        _write_gguf(path, SMALL, {}, alignment=3)
     else:
         path = str(tmp_path / "absent.m")
     with pytest.raises(ModelFileError, match=message):
