@@ -181,9 +181,27 @@ class Weight(ExpertWeights):
         """x f32[cols] -> out f32[rows] (overwritten)."""
         self.matmul(x[None], out[None])
 
+    def matmul(self, x: np.ndarray, out: np.ndarray, at: int = 0) -> None:
+        """x f32[T, cols] -> out f32[T, at : at + rows] (overwritten; the other columns of out untouched)."""
+        _matmul(self.data, (self.lead, self.cols // QK), x, *_X.get(x.shape[0], x.shape[1] // QK), out, at,
+                self.rows, _isa)
+
+
+class RowStack:
+    """Matrices stacked along rows, each in its own layout: a rank's q, k and v when their types differ (a
+    K-quant mix's Q6_K v beside Q4_K q and k). One layout for all would be the decoded one, which reads
+    10 bits per weight where these types take 4.5 to 6.6."""
+
+    def __init__(self, parts: list[Weight]) -> None:
+        self.parts = parts
+        self.rows, self.cols = sum(w.rows for w in parts), parts[0].cols
+
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
-        _matmul(self.data, (self.lead, self.cols // QK), x, *_X.get(x.shape[0], x.shape[1] // QK), out, _isa)
+        at = 0
+        for w in self.parts:
+            w.matmul(x, out, at)
+            at += w.rows
 
 
 def pack_weight(parts: list[np.ndarray], qtypes: Sequence[QT], cols: int, col0: int = 0) -> Weight:
@@ -233,12 +251,12 @@ def moe_forward(
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul(w, wcol, x, xq, xd, xs, iota, out, isa):
-    """out[t, :] = W[0] @ x[t]. wcol: see dot_group; xq, xd, xs: room for x's Q8_0 form; iota: 0, 1, 2, ..."""
+def _matmul(w, wcol, x, xq, xd, xs, iota, out, at, rows, isa):
+    """out[t, at : at + rows] = W[0] @ x[t]. wcol: see dot_group; xq, xd, xs: room for x's Q8_0 form;
+    iota: 0, 1, 2, ..."""
     act, n_tok = (x, xq, xd, xs), x.shape[0]
     for t in range(n_tok):
         prepare(w, act, t, 0, x.shape[1])
-    rows = out.shape[1]
     n_tiles = (n_tok + TT - 1) // TT
     for it in prange(w.shape[1] * n_tiles):
         g, t0 = it // n_tiles, it % n_tiles * TT
@@ -248,7 +266,7 @@ def _matmul(w, wcol, x, xq, xd, xs, iota, out, isa):
         dot_group(w, wcol, 0, g, act, iota[t0 : t0 + nt], nt, acc, isa)
         for i in range(nt):
             for r in range(min(R, rows - g * R)):
-                out[t0 + i, g * R + r] = acc[i, r]
+                out[t0 + i, at + g * R + r] = acc[i, r]
 
 
 @njit(parallel=True, cache=True, nogil=True)

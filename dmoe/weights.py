@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from dmoe import quant
-from dmoe.kernels import ExpertWeights, Weight, packed_format
+from dmoe.kernels import ExpertWeights, RowStack, Weight, packed_format
 from dmoe.kernels_formats import QK
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore
@@ -28,7 +28,7 @@ class LayerWeights:
     q_norm: np.ndarray  # [D]
     k_norm: np.ndarray  # [D]
     ffn_norm: np.ndarray  # [d]
-    qkv: Weight | None  # [H*D + 2*Hkv*D, d]: this rank's query heads, then its K and V heads; None: no heads
+    qkv: Weight | RowStack | None  # [H*D + 2*Hkv*D, d]: this rank's query heads, then its K and V heads; None: none
     o: Weight | None  # [d, H*D]: the columns of this rank's heads
     router: Weight | None  # [E, d], on the root only
     gate: ExpertWeights | None  # [E_local, ff_local, d]; None: no experts here
@@ -80,6 +80,19 @@ def _release(mf: ModelFile, store: PackStore, names: list[str]) -> None:
             mf.release(name)
 
 
+def _stacked(store: PackStore, parts: list[np.ndarray], types: list[QT], cols: int) -> Weight | RowStack:
+    """Row ranges of these types as one matrix: consecutive ranges that share a layout packed together."""
+    runs: list[tuple[list[np.ndarray], list[QT]]] = []
+    for part, qtype in zip(parts, types, strict=True):
+        if runs and packed_format([runs[-1][1][-1]]) == packed_format([qtype]):
+            runs[-1][0].append(part)
+            runs[-1][1].append(qtype)
+        else:
+            runs.append(([part], [qtype]))
+    weights = [store.weight(ps, ts, cols) for ps, ts in runs]
+    return weights[0] if len(weights) == 1 else RowStack(weights)
+
+
 def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, store: PackStore) -> LayerWeights:
     cfg = mf.config
     d = cfg.hidden_size
@@ -89,12 +102,7 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         parts = [mf.raw(b + "attn_q.weight")[qa * D:qb * D], mf.raw(b + "attn_k.weight")[ka * D:kb * D],
                  mf.raw(b + "attn_v.weight")[ka * D:kb * D]]
         types = [mf.tensors[b + n].qtype for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")]
-        try:
-            packed_format(types)  # block types of any mix share the decoded layout
-        except ValueError:  # float rows mixed with others: unify as F32
-            parts = [quant.dequantize(p, t, d).view(np.uint8) for p, t in zip(parts, types, strict=True)]
-            types = [QT.F32] * 3
-        qkv = store.weight(parts, types, d)
+        qkv = _stacked(store, parts, types, d)
         t = mf.tensors[b + "attn_output.weight"]
         raw, qt, c0 = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
         o = store.weight([raw], [qt], (qb - qa) * D, c0)

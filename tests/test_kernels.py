@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
 from dmoe.blocks import DECODED, random_blocks
-from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, moe_forward, pack_experts, pack_weight
+from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, RowStack, moe_forward, pack_experts, pack_weight
 from dmoe.kernels_simd import HOST_ISA
 
 DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
@@ -246,6 +246,21 @@ def test_mixed_types_share_the_decoded_layout() -> None:
     x = rng.standard_normal((2, 256)).astype(np.float32)
     out = np.zeros((2, 56), np.float32)
     w.matmul(x, out)
+    dense = np.concatenate([twin(r, t) for r, t in zip(raws, types, strict=True)])
+    check_matmul(out, dense, x, QT.Q4_K)
+
+
+@pytest.mark.parametrize("n_tok", [1, 5])
+def test_row_stack_keeps_each_layout(n_tok: int) -> None:
+    """q and k in Q4_K, v in Q6_K, as a K-quant mix has them: two weights in their own layouts, one matrix."""
+    rng = np.random.default_rng(6)
+    types = [QT.Q4_K, QT.Q4_K, QT.Q6_K]
+    raws = [random_blocks(t, n, 256, rng) for t, n in zip(types, (40, 8, 8), strict=True)]
+    stack = RowStack([pack_weight(raws[:2], types[:2], 256), pack_weight(raws[2:], types[2:], 256)])
+    assert [w.fmt for w in stack.parts] == ["Q4_K", "Q6_K"] and (stack.rows, stack.cols) == (56, 256)
+    x = rng.standard_normal((n_tok, 256)).astype(np.float32)
+    out = np.full((n_tok, 56), np.nan, np.float32)
+    stack.matmul(x, out)
     dense = np.concatenate([twin(r, t) for r, t in zip(raws, types, strict=True)])
     check_matmul(out, dense, x, QT.Q4_K)
 
