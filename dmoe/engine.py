@@ -8,6 +8,7 @@ single-process engine.
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import sys
@@ -119,8 +120,12 @@ class Engine:
         except Exception as e:
             if supervisor is not None and comm.rank != 0:
                 supervisor.fail(one_line(e))  # the root reports it and every rank stops
-            raise  # the root's own failure: its exit ends the workers (their supervisor sees it go)
+            if supervisor is not None:
+                supervisor.abort()  # the root's own failure: the workers go now, not at an exit MPI may block
+            raise
         engine.supervisor = supervisor
+        if supervisor is not None and comm.rank == 0:
+            atexit.register(supervisor.abort)  # a library user's root that ends (or raises) without close()
         engine.load_seconds = time.perf_counter() - t0
         return engine
 

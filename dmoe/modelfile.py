@@ -24,6 +24,7 @@ from dmoe.config import ARCH, ConfigError, ModelConfig
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_NAME = 256  # longer than any real tensor name (ggml's limit is 64)
+TENSORS_PER_LAYER = 12  # expected_shapes' blk.N.* entries
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -218,7 +219,7 @@ class ModelFile:
             )
         except ConfigError as e:
             raise ModelFileError(str(e)) from None
-        if self.config.num_hidden_layers * 11 > len(tensors):  # before listing the tensors of that many layers
+        if self.config.num_hidden_layers * TENSORS_PER_LAYER > len(tensors):  # before listing that many layers' names
             raise ModelFileError(f"the header says {self.config.num_hidden_layers} layers; the file holds "
                                  f"{len(tensors)} tensors")
         for name, shape in expected_shapes(self.config).items():

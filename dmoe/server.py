@@ -100,23 +100,22 @@ class Job:
     cancelled: bool = False  # the client went away
 
 
-def _lone_surrogate(value: Any, where: str = "the body") -> str | None:
-    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON, not text)."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return where
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where != "the body" else k)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _lone_surrogate(v, f"{where}[{i}]")
-            if found:
-                return found
+def _lone_surrogate(body: Any) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON, not text).
+    A walk with its own stack: JSON nested deeper than Python's recursion limit still parses."""
+    stack: list[tuple[Any, str]] = [(body, "the body")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack += [(k, where), (v, f"{where}.{k}" if where != "the body" else str(k))]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return None
 
 
@@ -409,7 +408,11 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > MAX_BODY_BYTES:
             self._discard_body()
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise APIError(408, f"the body did not arrive within {self.timeout} s") from None
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

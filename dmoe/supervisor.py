@@ -33,6 +33,21 @@ LINE_TIMEOUT_S = 5.0  # for one connection to send its introduction line
 REPORT_WAIT_S = 3.0  # how long a failing worker waits for the root to report it
 
 
+def _read_line(conn: socket.socket, seconds: float, limit: int = 512) -> bytes:
+    """One line of at most `limit` bytes within `seconds` in all (a peer that trickles bytes gets no more)."""
+    deadline, line = time.monotonic() + seconds, b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no introduction in time")
+        conn.settimeout(left)
+        chunk = conn.recv(limit - len(line))
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
 def _candidate_addresses() -> list[str]:
     """The root's IPv4 addresses, loopback first (workers on the same host), then the rest."""
     import psutil
@@ -60,6 +75,7 @@ class Supervisor:
         self._peers: dict[socket.socket, tuple[int, str]] = {}
         self._root: socket.socket | None = None
         self._watchdog: int | None = None  # the root's end of the pipe to its watchdog
+        self._watchdog_process: subprocess.Popen[bytes] | None = None
         if comm.size == 1:
             return
         one_host = len(set(comm.allgather_obj(comm.host))) == 1
@@ -91,9 +107,8 @@ class Supervisor:
                 conn, _addr = server.accept()
             except TimeoutError:
                 continue
-            conn.settimeout(min(left, LINE_TIMEOUT_S))
             try:
-                token, rank_text, host = conn.makefile("rb").readline(512).decode().split(maxsplit=2)
+                token, rank_text, host = _read_line(conn, min(left, LINE_TIMEOUT_S)).decode().split(maxsplit=2)
                 rank = int(rank_text)
                 known = {r for r, _ in self._peers.values()}
                 if hmac.compare_digest(token.encode(), nonce.encode()) and 0 < rank < self.comm.size \
@@ -119,11 +134,11 @@ class Supervisor:
         control, self._watchdog = os.pipe()
         fds = [conn.fileno() for conn in self._peers]
         sys.stderr.flush()
-        subprocess.Popen([sys.executable, "-I", os.path.join(os.path.dirname(__file__), "watchdog.py"),
-                          str(os.getpid()), str(control),
-                          *(f"{conn.fileno()}:{rank}:{host}" for conn, (rank, host) in self._peers.items())],
-                         pass_fds=[control, *fds], start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL)
+        script = os.path.join(os.path.dirname(__file__), "watchdog.py")
+        peers = [f"{conn.fileno()}:{rank}:{host}" for conn, (rank, host) in self._peers.items()]
+        self._watchdog_process = subprocess.Popen(
+            [sys.executable, "-I", script, str(os.getpid()), str(control), *peers], pass_fds=[control, *fds],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         os.close(control)
         for conn in self._peers:
             conn.close()  # the watchdog's copies are the ones that count
@@ -155,6 +170,13 @@ class Supervisor:
             print(f"dmoe: error: {reason}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+
+    def abort(self) -> None:
+        """The root is failing on its own (an exception in a library user's code): end the workers now, through
+        the watchdog, rather than leave them in a collective while this process waits in MPI's finalize."""
+        if self._watchdog is not None and not self.closing:
+            os.close(self._watchdog)
+            self._watchdog = None
 
     def close(self) -> None:
         """Normal end: disconnects from here on are expected."""

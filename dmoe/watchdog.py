@@ -3,8 +3,9 @@ supervisor.py) and, when one breaks, says which rank failed and why, then ends t
 
 Why a process and not a thread of the root: when a rank dies, the MPI launcher kills every other rank within
 a millisecond or two. A thread in the root must first get the GIL, and lost that race about one time in two:
-the job ended with no word of which rank failed. This process is blocked in select(), so the kernel wakes it
-as soon as the worker's socket closes, at the same moment it wakes the launcher; it runs in its own session, so
+the job ended with no word of which rank failed. This process is blocked in poll(), so the kernel wakes it
+as soon as the worker's socket closes, at the same moment it wakes the launcher (and when it finds the root
+already gone, it still reads what the workers sent before it says nothing); it runs in its own session, so
 the launcher's clean-up of the ranks does not kill it before it has spoken; and it imports nothing but the
 standard library (it starts in milliseconds, and is run by path, not through the dmoe package).
 
@@ -17,6 +18,7 @@ workers' connections and ends them too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -24,19 +26,26 @@ import socket
 import sys
 
 
-def watch(root_pid: int, control: int, peers: dict[socket.socket, tuple[int, str]]) -> int:
-    closing = False
+def watch(root_pid: int, control: int, peers: dict[int, tuple[socket.socket, int, str]]) -> int:
+    """peers: fd -> (connection, rank, host). Returns the exit status."""
+    closing = root_gone = False
     reasons: dict[int, bytes] = {}
-    while True:
-        readable = select.select([control, *peers], [], [])[0]
-        if control in readable:
-            if not os.read(control, 64):
-                return 0  # the root has ended (and reported whatever it had to)
-            closing = True
-        for conn in readable:
-            if conn == control:
+    poller = select.poll()
+    for fd in (control, *peers):
+        poller.register(fd, select.POLLIN)
+    while peers:
+        ready = [fd for fd, _ in poller.poll(0 if root_gone else None)]
+        if not ready:
+            return 0  # the root ended and no worker broke with it
+        for fd in ready:
+            if fd == control:
+                if os.read(control, 64):
+                    closing = True
+                else:  # the root has ended; first look at what the workers sent meanwhile
+                    root_gone = True
+                    poller.unregister(control)
                 continue
-            rank, host = peers[conn]
+            conn, rank, host = peers[fd]
             try:
                 data = conn.recv(65536)
             except OSError:
@@ -44,16 +53,22 @@ def watch(root_pid: int, control: int, peers: dict[socket.socket, tuple[int, str
             if data:
                 reasons[rank] = reasons.get(rank, b"") + data
                 continue
-            del peers[conn]
+            del peers[fd]
+            poller.unregister(fd)
             if closing and rank not in reasons:
                 conn.close()
                 continue
             reason = reasons.get(rank, b"").decode(errors="replace").strip() or \
                 "exited unexpectedly (killed, or out of memory)"
-            os.write(2, f"dmoe: error: rank {rank} ({host}) failed: {reason}\n".encode())
+            with contextlib.suppress(OSError):
+                os.write(2, f"dmoe: error: rank {rank} ({host}) failed: {reason}\n".encode())
             conn.close()  # tells a failing worker that its reason is reported
-            os.kill(root_pid, signal.SIGKILL)  # the root may be deep in a collective with the dead rank
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(root_pid, signal.SIGKILL)  # the root may be deep in a collective with the dead rank
             return 1
+    while os.read(control, 64):  # every worker is done: wait for the root
+        pass
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +76,7 @@ def main(argv: list[str]) -> int:
     peers = {}
     for spec in argv[2:]:
         fd, rank, host = spec.split(":", 2)
-        peers[socket.socket(fileno=int(fd))] = (int(rank), host)
+        peers[int(fd)] = (socket.socket(fileno=int(fd)), int(rank), host)
     return watch(root_pid, control, peers)
 
 

@@ -144,9 +144,14 @@ def soak(url: str, key: str, name: str, root_pid: int, requests: int, clients: i
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(requests)))
     report.seconds = time.monotonic() - t0
-    after_metrics = _metrics(url)
-    report.metrics = {k: v - before_metrics.get(k, 0.0) for k, v in after_metrics.items()
-                      if v != before_metrics.get(k, 0.0)}
+    deadline = time.monotonic() + 30  # a dropped stream is counted once the server notices the hang-up
+    while True:
+        after_metrics = _metrics(url)
+        report.metrics = {k: v - before_metrics.get(k, 0.0) for k, v in after_metrics.items()
+                          if v != before_metrics.get(k, 0.0)}
+        if not check_counts(report) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     deadline = time.monotonic() + 30  # handler threads of closed connections end on their own
     while (after := _root_state(root))[1:] != before[1:] and time.monotonic() < deadline:
         time.sleep(0.2)

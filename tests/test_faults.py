@@ -176,12 +176,19 @@ def _catch(fn: Callable[[], object]) -> object:
 
 
 def test_handshake_takes_only_workers_with_the_nonce(monkeypatch) -> None:
-    """A silent connection, garbage, a wrong nonce and a duplicate rank are closed; the two workers count."""
+    """A silent connection, a trickling one, garbage, a wrong nonce and a duplicate rank are closed; the two
+    workers count. (No watchdog: its root would be this test process.)"""
     monkeypatch.setattr(supervisor, "LINE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(Supervisor, "_start_watchdog", lambda self: None)
     kept = []
 
     def clients(addrs: list[str], port: int, nonce: str) -> None:
         assert addrs == ["127.0.0.1"]  # one host: loopback only
+        trickle = socket.create_connection((addrs[0], port))
+        kept.append(trickle)
+        for _ in range(4):  # a byte every 0.2 s: each recv is in time, the line is not
+            trickle.sendall(b"x")
+            time.sleep(0.2)
         for line in (None, b"GET / HTTP/1.1\r\n\r\n", b"0123456789abcdef 1 x\n", f"{nonce} 1 host-a\n".encode(),
                      f"{nonce} 1 again\n".encode(), f"{nonce} 9 nobody\n".encode(), f"{nonce} 2 host-b\n".encode()):
             s = socket.create_connection((addrs[0], port))
@@ -198,6 +205,7 @@ def test_handshake_takes_only_workers_with_the_nonce(monkeypatch) -> None:
 
 def test_handshake_times_out_naming_the_missing_rank(monkeypatch) -> None:
     monkeypatch.setattr(supervisor, "HANDSHAKE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(Supervisor, "_start_watchdog", lambda self: None)
     kept = []
 
     def clients(addrs: list[str], port: int, nonce: str) -> None:
@@ -226,16 +234,23 @@ else:
 
 
 def test_library_use_under_mpirun_stops_every_rank(long_model, tmp_path) -> None:
-    """The README's Python use, run on 2 ranks, with a rank 1 that cannot open its file: no hang, rank 0
-    names rank 1 and its reason, non-zero; with both files good it runs and ends cleanly."""
+    """The README's Python use, run on 2 ranks. Rank 1 cannot open its file: no hang, rank 0 names rank 1 and
+    its reason, non-zero. Rank 0 cannot (its exception is the user's to see): no hang either, non-zero.
+    Both files good: it runs and ends cleanly."""
     script = tmp_path / "use.py"
     script.write_text(LIBRARY_SCRIPT)
-    run = ["mpirun", "-n", "2", sys.executable, str(script), long_model]
     env = {**os.environ, "PYTHONPATH": ROOT}  # the checkout's dmoe, installed or not
-    r = subprocess.run([*run, "/nonexistent/model.m"], capture_output=True, text=True, timeout=120, env=env)
+
+    def run(rank0: str, rank1: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mpirun", "-n", "2", sys.executable, str(script), rank0, rank1], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    r = run(long_model, "/nonexistent/model.m")
     assert r.returncode != 0 and "rank 1 (" in r.stderr and "no such file" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
-    r = subprocess.run([*run, long_model], capture_output=True, text=True, timeout=120, env=env)
+    r = run("/nonexistent/model.m", long_model)
+    assert r.returncode != 0 and "no such file" in r.stderr, r.stderr
+    r = run(long_model, long_model)
     assert r.returncode == 0, r.stderr
 
 

@@ -263,6 +263,8 @@ def test_bad_requests_get_openai_errors(server: Server) -> None:
         got, answer = server.request("POST", path, body)
         assert (got, answer["error"]["param"]) == (status, param), (path, body, answer)
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    deep = b'{"messages": ' + b"[" * 1200 + b"]" * 1200 + b"}"  # json parses it on Python 3.12+, not on 3.11
+    assert server.request("POST", "/v1/chat/completions", deep)[0] == 400
     got, answer = server.request("POST", "/v1/completions", {"prompt": [1] * CONTEXT})
     assert answer["error"]["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
@@ -294,7 +296,7 @@ def test_a_body_too_large_is_answered(server: Server) -> None:
 
 
 def test_api_key_is_checked_before_the_body(server: Server) -> None:
-    """A wrong key announcing 32 MB and sending none is refused at once, not waited for."""
+    """A wrong key announcing 32 MB and sending none is refused after a brief drain, not waited for."""
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n" \
            b"Content-Length: 33554432"
     assert raw_post(server, head)[0] == 401
@@ -333,7 +335,7 @@ def test_idle_ranks_sleep(server: Server) -> None:
     for r, p in ranks.items():
         after = p.cpu_times()
         busy = (after.user + after.system - before[r].user - before[r].system) / elapsed
-        assert busy < 0.02, f"rank {r} used {busy:.1%} of a core while idle"
+        assert busy < 0.05, f"rank {r} used {busy:.1%} of a core while idle"  # spinning: 100%
     assert chat(server.client(), "Still there?", max_tokens=2, **GREEDY).choices
 
 
