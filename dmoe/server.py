@@ -46,6 +46,7 @@ from dmoe.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 32 << 20
 DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped, so that its sender gets our reply
+SHUTDOWN_WAIT_S = 5.0  # how long a stopping server lets its requests write their last words
 WAIT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters whose other values this engine cannot honour: refused, not silently ignored.
@@ -322,10 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
         """Every request gets an answer: its refusal, or a 500 for a failure of ours (never a dropped socket)."""
         self._response_started = False  # a streamed reply's headers are out: a failure ends it with an error event
         self._status: int | None = None
+        self.server.requests.begin()
         try:
             self._route(route)
         finally:
             self.server.api.metrics.response(self.path.split("?")[0], self._status)
+            self.server.requests.end()
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._status = code
@@ -559,9 +562,31 @@ class _Reply:
         return {**self._envelope([], True), "usage": usage}
 
 
+class _InFlight:
+    """Requests being handled, so that the server can let their last words (a 503 event) out before it exits."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def begin(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_done(self, seconds: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, seconds)
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a handler waiting on a slow client does not hold up the exit
+    daemon_threads = True  # a handler waiting on a slow client does not hold up the exit (past wait_done)
     api: API
+    requests: _InFlight
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that closed its connection is no error worth a traceback."""
@@ -579,7 +604,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         httpd = _HTTPServer((args.host, args.port), _Handler)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    httpd.api = api
+    httpd.api, httpd.requests = api, _InFlight()
     old = {s: signal.signal(s, lambda *_: api.stopping.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     host, port = httpd.server_address[:2]
@@ -593,6 +618,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     finally:
         api.stopping.set()
         api.drain()
+        httpd.requests.wait_done(SHUTDOWN_WAIT_S)  # each has its answer or its 503 event queued: let it out
         httpd.shutdown()
         httpd.server_close()
         for s, handler in old.items():

@@ -349,7 +349,15 @@ def test_soak(server: Server) -> None:
         assert after <= before + (64 if what == "rss MB" else 0), (what, before, after)
 
 
-def test_sigterm_stops_cleanly(server: Server) -> None:
+def test_sigterm_ends_streams_with_an_error_and_stops_cleanly(server: Server) -> None:
+    """SIGTERM mid-stream: the stream ends with a 503 error event (the openai client raises it), not a reset
+    connection; the server exits 0."""
+    stream = iter(chat(server.client(), "Talk for a long time.", max_tokens=CONTEXT - 64, stream=True, **GREEDY))
+    next(stream)
+    server.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for _ in stream:
+            pass
     assert server.stop() == 0
     assert "server stopped" in server.log_text()
 
