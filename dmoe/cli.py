@@ -1,4 +1,4 @@
-"""Command line: generate (the default), chat, serve, bench, info. The same command runs on every MPI rank;
+"""Command line: generate (the default), chat, serve, bench, info, plan. The same command runs on every MPI rank;
 rank 0 does all user I/O and workers follow the engine's commands. Errors are one line and a non-zero exit."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from dmoe import __doc__ as package_doc
 from dmoe.supervisor import Supervisor, one_line
 
-COMMANDS = ("generate", "chat", "serve", "bench", "info")
+COMMANDS = ("generate", "chat", "serve", "bench", "info", "plan")
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "qwen3-moe-demo.m")
 
 
@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a model file")
     i.add_argument("--model", default=DEMO_MODEL, help="the .m file")
+
+    pl = sub.add_parser("plan", help="each rank's memory at N ranks (weights, KV cache, buffers), without loading")
+    source = pl.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a .m / GGUF file (its own tensor types; only its header is read)")
+    source.add_argument("--config", help="a Hugging Face config.json (see configs/), written as --type")
+    pl.add_argument("--type", default="q4_k_m", help="file type for --config (default q4_k_m)")
+    pl.add_argument("-n", "--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default 1 2 4)")
+    pl.add_argument("--moe-split", choices=["ffn", "experts"], default="ffn")
+    pl.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
+    pl.add_argument("--kv-type", choices=["f16", "f32"], default="f16")
+    pl.add_argument("--prompt-len", type=int, default=512, help="the longest prefill to hold buffers for")
+    pl.add_argument("--nthreads", type=int, default=1, help="threads per rank (attention scratch)")
     return p
 
 
@@ -99,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         from dmoe.info import describe
 
         _run_or_exit(lambda: print(describe(args.model)))
+        return
+    if args.command == "plan":
+        _run_or_exit(lambda: print(_plan(args)))
         return
     _check_args(args)
     from dmoe.comm import make_comm
@@ -188,6 +203,29 @@ def _run_or_exit(fn: Any) -> None:
     except Exception as e:  # noqa: BLE001
         print(f"dmoe: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _plan(args: argparse.Namespace) -> str:
+    from dmoe.footprint import report
+
+    if min(args.ranks) < 1 or args.max_seq_len < 1 or args.prompt_len < 1 or args.nthreads < 1:
+        raise ValueError("-n, --max-seq-len, --prompt-len and --nthreads must be >= 1")
+    if args.model is not None:
+        from dmoe.modelfile import ModelFile
+
+        with ModelFile(args.model) as mf:
+            cfg, types = mf.config, {n: t.qtype for n, t in mf.tensors.items()}
+        what = os.path.basename(args.model)
+    else:
+        from dmoe.config import ModelConfig
+        from dmoe.mixes import FILE_TYPES, tensor_types
+
+        if args.type not in FILE_TYPES:
+            raise ValueError(f"--type must be one of {', '.join(FILE_TYPES)}, got {args.type!r}")
+        cfg = ModelConfig.from_hf_file(args.config)
+        types, what = tensor_types(cfg, args.type), f"{os.path.basename(args.config)} as {args.type}"
+    return report(cfg, types, what, args.ranks, args.moe_split, args.max_seq_len, args.kv_type, args.prompt_len,
+                  args.nthreads)
 
 
 def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:

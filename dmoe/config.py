@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,20 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_file(cls, path: str, layers: int | None = None) -> ModelConfig:
+        """From a HF config.json file (keeping only `layers` layers if given); its problems as ConfigError."""
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path}: not a config.json (a JSON object)")
+        if layers:
+            hf["num_hidden_layers"] = layers
+        return cls.from_hf(hf)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:

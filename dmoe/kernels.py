@@ -78,6 +78,18 @@ def packed_format(qtypes: Sequence[QT]) -> str:
         return DECODED_FORMAT
     raise ValueError(f"cannot pack rows of types {sorted(names)} into one matrix")
 
+def layout_runs(qtypes: Sequence[QT]) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of consecutive row ranges whose types share a layout: packed together, each run in
+    its own layout (see RowStack)."""
+    runs: list[tuple[int, int]] = []
+    for i, qtype in enumerate(qtypes):
+        if runs and packed_format([qtypes[runs[-1][0]]]) == packed_format([qtype]):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 _isa = HOST_ISA
 
 # A decode step makes ~200 parallel launches. Measured on the dev box: a launch costs ~2 us with

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -109,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="embed the real Qwen3 tokenizer (needs the dashscope package)")
     args = p.parse_args(argv)
     try:
-        with open(args.config) as f:
-            hf = json.load(f)
-        if args.layers:
-            hf["num_hidden_layers"] = args.layers
-        cfg = ModelConfig.from_hf(hf)
-    except (OSError, json.JSONDecodeError, ConfigError) as e:
+        cfg = ModelConfig.from_hf_file(args.config, args.layers)
+    except ConfigError as e:
         print(f"synthetic: error: {e}", file=sys.stderr)
         return 1
     tok_json = template = None

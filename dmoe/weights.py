@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from dmoe import quant
-from dmoe.kernels import ExpertWeights, RowStack, Weight, packed_format
+from dmoe.kernels import ExpertWeights, RowStack, Weight, layout_runs
 from dmoe.kernels_formats import QK
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore
@@ -45,11 +45,19 @@ class ModelWeights:
     embedding_type: QT
 
 
+def sliced_type(qtype: QT, c0: int, c1: int) -> tuple[QT, int]:
+    """The type columns [c0, c1) of qtype rows are packed in, and the first column to take: the rows' own
+    where the kernels can start at c0 (float rows, or a cut at a 32-column block boundary), else F32."""
+    if qtype in quant.ELEMENT_BYTES or (c0 % QK == 0 and c1 % QK == 0):
+        return qtype, c0
+    return QT.F32, 0
+
+
 def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tuple[np.ndarray, QT, int]:
     """Columns [c0, c1) of every row of raw [..., row_bytes] as (rows, type, first column to take from
-    them): the rows themselves where the kernels can start at c0 (float rows, or a cut at a 32-column
-    block boundary), else the slice dequantised to F32 (small heads that split a block)."""
-    if qtype in quant.ELEMENT_BYTES or (c0 % QK == 0 and c1 % QK == 0):
+    them): the rows themselves (see sliced_type), else the slice dequantised to F32 (small heads that split a
+    block)."""
+    if sliced_type(qtype, c0, c1)[0] == qtype:
         return raw, qtype, c0
     vals = np.ascontiguousarray(quant.dequantize(raw, qtype, cols)[..., c0:c1])
     return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32, 0
@@ -82,14 +90,7 @@ def _release(mf: ModelFile, store: PackStore, names: list[str]) -> None:
 
 def _stacked(store: PackStore, parts: list[np.ndarray], types: list[QT], cols: int) -> Weight | RowStack:
     """Row ranges of these types as one matrix: consecutive ranges that share a layout packed together."""
-    runs: list[tuple[list[np.ndarray], list[QT]]] = []
-    for part, qtype in zip(parts, types, strict=True):
-        if runs and packed_format([runs[-1][1][-1]]) == packed_format([qtype]):
-            runs[-1][0].append(part)
-            runs[-1][1].append(qtype)
-        else:
-            runs.append(([part], [qtype]))
-    weights = [store.weight(ps, ts, cols) for ps, ts in runs]
+    weights = [store.weight(parts[i:j], types[i:j], cols) for i, j in layout_runs(types)]
     return weights[0] if len(weights) == 1 else RowStack(weights)
 
 
