@@ -15,6 +15,7 @@ from dmoe import __doc__ as package_doc
 from dmoe.supervisor import Supervisor, one_line
 
 COMMANDS = ("generate", "chat", "serve", "bench", "info", "plan")
+DEPTH_CHUNK = 512  # bench --depth fills the context this many tokens a step
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "qwen3-moe-demo.m")
 
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=lambda v: [int(x) for x in v.split(",")], default=[64],
                    help="prompt tokens for the prefill measurement; a comma list measures each (default 64)")
     b.add_argument("--steps", type=int, default=128, help="tokens to decode")
+    b.add_argument("--depth", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help="also decode --steps tokens after this many tokens of context; a comma list measures each")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     i = sub.add_parser("info", help="describe a model file")
@@ -183,6 +186,8 @@ def _check_args(args: argparse.Namespace) -> None:
             problems.append("--chat needs a text --prompt, not --prompt-ids")
     if args.command == "bench" and min(args.prompt_len) < 1:
         problems.append("--prompt-len must be >= 1")
+    if args.command == "bench" and args.depth and min(args.depth) < 1:
+        problems.append("--depth must be >= 1")
     if problems:
         print(f"dmoe: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
@@ -322,9 +327,10 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 
 def _bench(args: argparse.Namespace, engine: Any) -> int:
     """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
-    --steps tokens greedily. Reports tok/s, time to first token, load time and each rank's peak memory.
-    The weights are read in whole at load (preload) and an untimed prefill of the longest prompt runs first,
-    as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
+    --steps tokens greedily; for each --depth, decode --steps tokens after that many tokens of context.
+    Reports tok/s, time to first token, load time and each rank's peak memory.
+    The weights are read in whole at load (preload) and an untimed prefill of the longest prompt and a decode
+    step run first, as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate
@@ -336,6 +342,7 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         return [int(t) for t in rng.integers(0, min(engine.config.vocab_size, 100_000), n)]
 
     engine.forward(random_ids(max(args.prompt_len)))
+    engine.forward(random_ids(1))  # and a decode step: its kernels compile (cold numba cache) untimed too
     result: dict[str, Any] = {"ranks": engine.comm.size, "threads": engine.nthreads,
                               "load_s": engine.load_seconds}
     for i, n in enumerate(args.prompt_len):
@@ -352,6 +359,17 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
                        (engine.comm.bytes_sent - sent) / 1024 / max(1, n + stats.generated_tokens - 1)}
         if not args.json:
             print(f"dmoe: {stats.summary()}")
+    for depth in args.depth:  # the context fills in untimed chunks; then decode from one more prompt token
+        ids = random_ids(depth + 1)
+        engine.reset()
+        for start in range(0, depth, DEPTH_CHUNK):
+            engine.forward(ids[start:min(depth, start + DEPTH_CHUNK)])
+        stats = GenerationStats()
+        for _ in generate(engine, ids, SamplingParams(), args.steps, frozenset(), stats):
+            pass
+        result[f"decode_at{depth}_tok_s"] = stats.decode_tok_s
+        if not args.json:
+            print(f"dmoe: after {depth} tokens of context: {stats.summary()}")
     result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
     if args.json:
         print(json.dumps(result))

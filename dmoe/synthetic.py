@@ -12,6 +12,7 @@ types and llama.cpp's (`q4_k_m`, `iq4_xs`, ...: mixes.py), so hub-like files can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -121,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as e:
             print(f"synthetic: error: {e}", file=sys.stderr)
             return 1
-    if os.path.dirname(args.output):
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    s = write_synthetic(cfg, args.type, args.output, args.seed, tokenizer_json=tok_json,
-                        chat_template=template)
+    try:
+        if os.path.dirname(args.output):
+            os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        s = write_synthetic(cfg, args.type, args.output, args.seed, tokenizer_json=tok_json,
+                            chat_template=template)
+    except OSError as e:  # a full disk, a path we cannot write: one line, and no half-written file left
+        with contextlib.suppress(OSError):
+            os.remove(args.output)
+        print(f"synthetic: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}: {s['bytes'] / 1e9:.2f} GB in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
           f"peak RSS {s['peak_rss_mb']:.0f} MB")
     return 0

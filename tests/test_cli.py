@@ -121,12 +121,13 @@ def test_bench_reports_every_figure(ranks: int, model_file) -> None:
     path = model_file("a", "q40")
     cmd = ["mpirun", "-n", "2", sys.executable, "launch.py"] if ranks > 1 else [sys.executable, "launch.py"]
     for _ in range(2):
-        r = subprocess.run([*cmd, "bench", "--model", path, "--prompt-len", "8,16", "--steps", "5", "--json"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=240)
+        r = subprocess.run([*cmd, "bench", "--model", path, "--prompt-len", "8,16", "--steps", "5", "--depth", "20,40",
+                            "--json"], capture_output=True, text=True, cwd=ROOT, timeout=240)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout.strip().splitlines()[-1])
         assert out["ranks"] == ranks and out["generated_tokens"] == 5
-        assert all(out[k] > 0 for k in ("prefill8_tok_s", "prefill16_tok_s", "decode_tok_s", "ttft8_s", "load_s"))
+        assert all(out[k] > 0 for k in ("prefill8_tok_s", "prefill16_tok_s", "decode_tok_s", "ttft8_s", "load_s",
+                                        "decode_at20_tok_s", "decode_at40_tok_s"))
         assert len(out["peak_rss_gb_per_rank"]) == ranks
     with ModelFile(path) as mf:
         cfg = mf.config

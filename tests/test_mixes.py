@@ -102,6 +102,12 @@ def test_synthetic_cli_writes_a_mix_into_a_new_folder(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "dmoe.synthetic", str(config), "--type", "q4_k_m", "-o", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    bad = subprocess.run([sys.executable, "-m", "dmoe.synthetic", str(config), "-o", str(blocked / "x.m")],
+                         capture_output=True, text=True, cwd=ROOT)  # a folder that cannot be made: one line
+    assert bad.returncode == 1 and bad.stderr.startswith("synthetic: error: cannot write"), bad.stderr
+    assert "Traceback" not in bad.stderr
     with ModelFile(str(out)) as mf:
         types = {n: t.qtype for n, t in mf.tensors.items()}
         assert types == tensor_types(mf.config, "q4_k_m")
