@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dmoe import quant
 from dmoe.kernels import ExpertWeights, RowStack, Weight, layout_runs
 from dmoe.kernels_formats import QK
-from dmoe.modelfile import ModelFile
+from dmoe.modelfile import ModelFile, ModelFileError
 from dmoe.packcache import PackStore
 from dmoe.plan import RankShard
 
@@ -111,6 +111,10 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], [mf.tensors[b + "ffn_gate_inp.weight"].qtype], d)
     (e0, e1), (f0, f1) = shard.experts, shard.ffn
     if e1 > e0 and f1 > f0:
+        gate_type, up_type = (mf.tensors[f"{b}ffn_{n}_exps.weight"].qtype for n in ("gate", "up"))
+        if (gate_type in quant.ELEMENT_BYTES) != (up_type in quant.ELEMENT_BYTES):  # the kernels run them as a pair
+            raise ModelFileError(f"{mf.path}: {b}ffn_gate_exps is {gate_type.name} and ffn_up_exps {up_type.name}; "
+                                 "both must be float types or both block types")
         gate, up = (store.experts(mf.raw(b + n)[e0:e1, f0:f1], mf.tensors[b + n].qtype, d)
                     for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
         t = mf.tensors[b + "ffn_down_exps.weight"]

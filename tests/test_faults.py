@@ -277,3 +277,18 @@ def test_killed_worker_while_serving(text_model, tmp_path) -> None:
         server.stop()
     assert code != 0
     assert "rank 1 (" in server.log_text() and "failed" in server.log_text(), server.log_text()
+
+
+def test_killed_root_while_serving_stops_the_workers(text_model, tmp_path) -> None:
+    """kill -9 of rank 0 of `serve` between requests: the worker (polling for a command, asleep) exits within
+    10 s, and so does mpirun."""
+    server = start_server(text_model(), tmp_path / "stderr.log", ranks=2)
+    try:
+        ranks = rank_processes(server)
+        ranks[0].kill()
+        t0 = time.monotonic()
+        ranks[1].wait(10)
+        server.proc.wait(max(0.1, 10 - (time.monotonic() - t0)))
+    finally:
+        server.stop()
+    assert server.proc.returncode != 0

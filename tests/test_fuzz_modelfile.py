@@ -1,7 +1,7 @@
 """Fuzzing the file reader: mutations of a small valid file (bit flips in the header and the data, truncations,
 huge counts, sizes and offsets written over header fields, other type ids) are each refused with one line
-(ModelFileError) or load and run; never another exception, a hang, or an allocation beyond the file's size.
-DMOE_FUZZ_EXAMPLES sets how many (CI runs the default; bench/ more)."""
+(ModelFileError) or load and run; never another exception, a hang, or an allocation beyond the file's size (and
+1 MiB) while its header is read. DMOE_FUZZ_EXAMPLES sets how many (default 3,000, about 13 s)."""
 
 from __future__ import annotations
 
@@ -82,21 +82,28 @@ def test_mutated_files_are_refused_in_one_line_or_run(valid: tuple[bytes, int, P
         path.write_bytes(mutant)
         old = signal.signal(signal.SIGALRM, _hang)
         signal.alarm(HANG_S)
-        tracemalloc.start()
         try:
-            describe(str(path))  # `launch.py info`: the whole header
-            engine = Engine.load(str(path), max_seq_len=16, nthreads=1, kv_type="f32")
-            logits = engine.forward([1, 2])
-            assert logits.shape == (1, engine.config.vocab_size)
-        except ModelFileError as e:
-            assert str(e).strip() and "\n" not in str(e), repr(e)
+            refused = None
+            tracemalloc.start()
+            try:
+                describe(str(path))  # `launch.py info`: the whole header
+            except ModelFileError as e:
+                refused = e
+            finally:
+                header_peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            assert header_peak < len(mutant) + (1 << 20), f"{header_peak} bytes to read a {len(mutant)}-byte file"
+            if refused is None:
+                try:  # the loader checks what only the kernels care about (e.g. gate and up both quantised)
+                    engine = Engine.load(str(path), max_seq_len=16, nthreads=1, kv_type="f32")
+                    assert engine.forward([1, 2]).shape == (1, engine.config.vocab_size)
+                except ModelFileError as e:
+                    refused = e
+            if refused is not None:
+                assert str(refused).strip() and "\n" not in str(refused), repr(refused)
         finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
-        # the engine's own buffers (KV cache, scratch, packed weights) are a small multiple of a tiny file
-        assert peak < 16 * len(valid[0]) + (8 << 20), f"{peak} bytes allocated for a {len(mutant)}-byte file"
 
     with np.errstate(all="ignore"):  # flipped scales may make infinities: that file runs, its logits are its own
         check()
