@@ -8,14 +8,17 @@ in `seconds` so that the timing line can show communication per token.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 # A worker waiting for the root's next command: hot for SPIN_S (a generation's next token comes that soon),
-# then asleep between polls that back off from POLL_MIN_S to POLL_MAX_S (the most a request after a pause waits).
-SPIN_S, POLL_MIN_S, POLL_MAX_S = 0.05, 50e-6, 2e-3
+# then asleep between polls that back off from POLL_MIN_S to POLL_MAX_S. A root that sends a command after a
+# pause first wakes the workers (through the supervisor's connections), so the back-off costs no latency.
+SPIN_S, POLL_MIN_S, POLL_MAX_S = 0.05, 50e-6, 0.02
 
 # Variables that MPI launchers (MPICH's hydra, Open MPI, Slurm's PMI) set in every rank.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -42,10 +45,10 @@ class LocalComm:
     def bcast(self, buf: np.ndarray) -> None:
         pass
 
-    def send_command(self, buf: np.ndarray) -> None:
+    def send_command(self, buf: np.ndarray, wake: Callable[[], None] | None = None) -> None:
         pass
 
-    def wait_command(self, buf: np.ndarray) -> None:
+    def wait_command(self, buf: np.ndarray, woken: threading.Event | None = None) -> None:
         pass
 
     def gather_rows(self, local: np.ndarray, out: np.ndarray, counts: list[int]) -> None:
@@ -94,23 +97,32 @@ class MPIComm:
         if self.rank == 0:
             self.bytes_sent += buf.nbytes
 
-    def send_command(self, buf: np.ndarray) -> None:
+    def send_command(self, buf: np.ndarray, wake: Callable[[], None] | None = None) -> None:
         """The root's next command to the workers, a broadcast they receive with `wait_command` (a non-blocking
-        broadcast on both sides: MPI matches a blocking one only with a blocking one)."""
+        broadcast on both sides: MPI matches a blocking one only with a blocking one). `wake`, if given, first
+        wakes workers that may be asleep between polls."""
         t0 = time.perf_counter()
+        if wake is not None:
+            wake()
         self._comm.Ibcast(buf, root=0).Wait()
         self.seconds += time.perf_counter() - t0
         self.bytes_sent += buf.nbytes
 
-    def wait_command(self, buf: np.ndarray) -> None:
+    def wait_command(self, buf: np.ndarray, woken: threading.Event | None = None) -> None:
         """Worker: the root's next command, polled rather than waited for in MPI, whose blocking wait spins a
-        core at 100% for as long as the server is idle; see SPIN_S."""
+        core at 100% for as long as the server is idle; see SPIN_S. `woken` is set when the root wakes us."""
         request = self._comm.Ibcast(buf, root=0)
         start, nap = time.perf_counter(), POLL_MIN_S
         while not request.Test():
-            if time.perf_counter() - start > SPIN_S:
+            if time.perf_counter() - start <= SPIN_S:
+                continue
+            if woken is None:
                 time.sleep(nap)
-                nap = min(2 * nap, POLL_MAX_S)
+            elif woken.wait(nap):
+                woken.clear()
+                start, nap = time.perf_counter(), POLL_MIN_S  # hot again: the command is on its way
+                continue
+            nap = min(2 * nap, POLL_MAX_S)
 
     def gather_rows(self, local: np.ndarray, out: np.ndarray, counts: list[int]) -> None:
         """Gather each rank's rows [T, counts[r]] into out [T, sum(counts)] on the root."""

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from dmoe import ops, quant
-from dmoe.comm import LocalComm, MPIComm, make_comm
+from dmoe.comm import SPIN_S, LocalComm, MPIComm, make_comm
 from dmoe.model import Layer, RunState
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore, StaleCacheError
@@ -68,6 +68,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
         self.supervisor: Supervisor | None = None
+        self._done_at = 0.0  # when the root last sent a command or ended a step (see _command)
         # where this rank's forward time went (--verbose prints the root's); the collectives are inside
         self.phase_seconds = dict.fromkeys(("embedding", "attention", "experts", "output"), 0.0)
 
@@ -129,6 +130,15 @@ class Engine:
         engine.load_seconds = time.perf_counter() - t0
         return engine
 
+    def _command(self, command: int, T: int, position: int, all_logits: int) -> None:
+        """Send the workers a command. After a pause long enough for them to have gone to sleep between polls
+        (comm.SPIN_S), wake them first, so that the first token after a pause does not wait for a poll."""
+        self._header[:] = (command, T, position, all_logits)
+        paused = time.perf_counter() - self._done_at > SPIN_S / 2
+        wake = self.supervisor.wake if paused and self.supervisor is not None else None
+        self.comm.send_command(self._header, wake)
+        self._done_at = time.perf_counter()  # the workers are busy, or hot again
+
     @property
     def position(self) -> int:
         return len(self.tokens)
@@ -147,17 +157,16 @@ class Engine:
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        self._header[:] = (_FORWARD, T, self.position, int(all_logits))
-        self.comm.send_command(self._header)
+        self._command(_FORWARD, T, self.position, int(all_logits))
         logits = self._step(np.asarray(ids, np.int32), all_logits)
+        self._done_at = time.perf_counter()
         assert logits is not None
         return logits
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` cached tokens (to reuse a shared prefix)."""
         length = max(0, min(length, self.position))
-        self._header[:] = (_TRUNCATE, 0, length, 0)
-        self.comm.send_command(self._header)
+        self._command(_TRUNCATE, 0, length, 0)
         del self.tokens[length:]
 
     def reset(self) -> None:
@@ -165,8 +174,7 @@ class Engine:
 
     def peak_rss_per_rank(self) -> list[float]:
         """Every rank's peak resident memory so far, in GB (a collective: workers answer too)."""
-        self._header[:] = (_REPORT, 0, 0, 0)
-        self.comm.send_command(self._header)
+        self._command(_REPORT, 0, 0, 0)
         return self.comm.allgather_obj(_peak_rss_gb())
 
     def close(self) -> None:
@@ -174,8 +182,7 @@ class Engine:
         if self.is_root and self.comm.size > 1:
             if self.supervisor is not None:
                 self.supervisor.close()
-            self._header[:] = (_STOP, 0, 0, 0)
-            self.comm.send_command(self._header)
+            self._command(_STOP, 0, 0, 0)
 
     # ---- workers --------------------------------------------------------------------------------
 
@@ -192,7 +199,7 @@ class Engine:
 
     def _follow(self) -> None:
         while True:
-            self.comm.wait_command(self._header)
+            self.comm.wait_command(self._header, self.supervisor.woken if self.supervisor else None)
             command, T, position, all_logits = (int(v) for v in self._header)
             if command == _STOP:
                 return

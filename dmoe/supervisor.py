@@ -76,6 +76,7 @@ class Supervisor:
         self._root: socket.socket | None = None
         self._watchdog: int | None = None  # the root's end of the pipe to its watchdog
         self._watchdog_process: subprocess.Popen[bytes] | None = None
+        self.woken = threading.Event()  # worker: set when the root wakes us for its next command
         if comm.size == 1:
             return
         one_host = len(set(comm.allgather_obj(comm.host))) == 1
@@ -147,8 +148,8 @@ class Supervisor:
         """Worker: the root's disconnect means the job is over; leave quietly (the root has spoken)."""
         assert self._root is not None
         with contextlib.suppress(OSError):
-            while self._root.recv(4096):
-                pass
+            while self._root.recv(4096):  # a wake-up: the root is about to send a command
+                self.woken.set()
         if not self.closing:
             os._exit(1)
 
@@ -162,7 +163,9 @@ class Supervisor:
                 self._root.sendall(reason.encode())
                 self._root.shutdown(socket.SHUT_WR)
                 self._root.settimeout(REPORT_WAIT_S)
-                reported = self._root.recv(1) == b""
+                while self._root.recv(64):  # a wake-up byte may come first: the close is the answer
+                    pass
+                reported = True
             if not reported:
                 print(f"dmoe: error: rank {self.comm.rank} ({self.comm.host}) failed: {reason}", file=sys.stderr,
                       flush=True)
@@ -170,6 +173,12 @@ class Supervisor:
             print(f"dmoe: error: {reason}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+
+    def wake(self) -> None:
+        """Root: wake the workers (asleep between polls for the next command) through the watchdog."""
+        if self._watchdog is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._watchdog, b"w")
 
     def abort(self) -> None:
         """The root is failing on its own (an exception in a library user's code): end the workers now, through

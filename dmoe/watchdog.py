@@ -11,9 +11,10 @@ standard library (it starts in milliseconds, and is run by path, not through the
 
     python watchdog.py ROOT_PID CONTROL_FD FD:RANK:HOST ...
 
-CONTROL_FD is a pipe from the root: a byte on it means the job is ending normally (disconnects from here
-on are expected); its end of file means the root is gone, and so the watchdog goes, which closes the
-workers' connections and ends them too.
+CONTROL_FD is a pipe from the root: "c" on it means the job is ending normally (disconnects from here on
+are expected); "w" asks to wake the workers (a byte to each: the root is about to send a command, and they
+may be asleep between polls for it); its end of file means the root is gone, and so the watchdog goes,
+which closes the workers' connections and ends them too.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ def watch(root_pid: int, control: int, peers: dict[int, tuple[socket.socket, int
             return 0  # the root ended and no worker broke with it
         for fd in ready:
             if fd == control:
-                if os.read(control, 64):
-                    closing = True
-                else:  # the root has ended; first look at what the workers sent meanwhile
+                data = os.read(control, 64)
+                if not data:  # the root has ended; first look at what the workers sent meanwhile
                     root_gone = True
                     poller.unregister(control)
+                closing = closing or b"c" in data
+                if b"w" in data:  # wake the workers: a command follows
+                    for conn, _, _ in peers.values():
+                        with contextlib.suppress(OSError):
+                            conn.send(b"w")
                 continue
             conn, rank, host = peers[fd]
             try:
