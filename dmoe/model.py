@@ -32,12 +32,17 @@ class RunState:
         self.x = np.zeros((capacity, d), np.float32)  # [T, d] residual stream
         self.h = np.zeros((capacity, d), np.float32)  # [T, d] normalised input of a block
         self.qkv = np.zeros((capacity, (H + 2 * Hkv) * D), np.float32)  # [T, (H + 2 Hkv) D]
-        self.q = np.zeros((capacity, H * D), np.float32)  # [T, H D] queries, contiguous: attend's loops
-        # over a strided slice of qkv do not vectorise (4x slower)
+        # queries and keys apart from qkv, contiguous: attend's loops over a strided slice of qkv do not
+        # vectorise (4x slower), and numba would compile the kernels twice (a strided slice of a one-row
+        # array is contiguous to numpy: decode and prefill would type them differently)
+        self.q = np.zeros((capacity, H * D), np.float32)  # [T, H D]
+        self.k = np.zeros((capacity, Hkv * D), np.float32)  # [T, Hkv D]
         self.attn = np.zeros((capacity, H * D), np.float32)  # [T, H D]
         self.o = np.zeros((capacity, d), np.float32)  # [T, d] partial attention output, then summed
         self.router_logits = np.zeros((capacity, cfg.num_experts), np.float32)  # [T, E] (root)
-        self.routing = np.zeros((capacity, 2 * k), np.float32)  # [T, 2k]: ids (int32 bits) | weights
+        self.routing = np.zeros((capacity, 2 * k), np.float32)  # [T, 2k]: ids (int32 bits) | weights, as sent
+        self.ids = np.zeros((capacity, k), np.int32)  # [T, k] the router's choices, contiguous (as q and k)
+        self.weights = np.zeros((capacity, k), np.float32)  # [T, k] their weights
         self.local_ids = np.zeros((capacity, k), np.int32)  # [T, k] index into this rank's experts, -1: not here
         self.y = np.zeros((capacity, d), np.float32)  # [T, d] partial MoE output, then summed
         group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -67,9 +72,9 @@ class Layer:
         ops.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, h)
         if w.qkv is not None:
             H, Hkv, D = self.shard.n_q_heads, self.shard.n_kv_heads, cfg.head_dim
-            qkv = st.qkv[:T]
+            qkv, q, k = st.qkv[:T], st.q[:T], st.k[:T]
             w.qkv.matmul(h, qkv)
-            q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:]
+            q[:], k[:], v = qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:]
             cos, sin = rope
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, pos)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, pos)
@@ -77,8 +82,7 @@ class Layer:
             k_cache, v_cache = self.k_cache, self.v_cache
             if T > 1 and k_cache.dtype == np.uint16:
                 k_cache, v_cache = attention.widen(k_cache, v_cache, pos + T, st.kv_f32)
-            st.q[:T] = q
-            attention.attend(st.q[:T], st.heads, k_cache, v_cache, pos, st.scores, st.bits, st.attn[:T])
+            attention.attend(q, st.heads, k_cache, v_cache, pos, st.scores, st.bits, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
@@ -90,15 +94,17 @@ class Layer:
         x, h, y = st.x[:T], st.h[:T], st.y[:T]
         k = cfg.num_experts_per_tok
         ops.rmsnorm(x, w.ffn_norm, cfg.rms_norm_eps, h)
-        routing = st.routing[:T]
+        routing, ids, weights = st.routing[:T], st.ids[:T], st.weights[:T]
         if w.router is not None:
             w.router.matmul(h, st.router_logits[:T])
-            ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, routing[:, :k].view(np.int32), routing[:, k:])
+            ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, ids, weights)
+            routing[:, :k], routing[:, k:] = ids.view(np.float32), weights
         comm.bcast(routing)
+        ids[:], weights[:] = routing[:, :k].view(np.int32), routing[:, k:]
         local = st.local_ids[:T]
-        ops.local_expert_ids(routing[:, :k].view(np.int32), self.expert_offset, self.n_local_experts, local)
+        ops.local_expert_ids(ids, self.expert_offset, self.n_local_experts, local)
         if w.gate is not None:
-            moe_forward(w.gate, w.up, w.down, h, local, routing[:, k:], y)
+            moe_forward(w.gate, w.up, w.down, h, local, weights, y)
         else:
             y[:] = 0.0
         comm.allreduce_sum(y)
