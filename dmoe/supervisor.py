@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import os
 import secrets
+import selectors
 import socket
 import subprocess
 import sys
@@ -31,21 +32,6 @@ from dmoe.comm import LocalComm, MPIComm
 HANDSHAKE_TIMEOUT_S = 60.0  # for every worker to connect and introduce itself (workers start at once)
 LINE_TIMEOUT_S = 5.0  # for one connection to send its introduction line
 REPORT_WAIT_S = 3.0  # how long a failing worker waits for the root to report it
-
-
-def _read_line(conn: socket.socket, seconds: float, limit: int = 512) -> bytes:
-    """One line of at most `limit` bytes within `seconds` in all (a peer that trickles bytes gets no more)."""
-    deadline, line = time.monotonic() + seconds, b""
-    while not line.endswith(b"\n") and len(line) < limit:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no introduction in time")
-        conn.settimeout(left)
-        chunk = conn.recv(limit - len(line))
-        if not chunk:
-            break
-        line += chunk
-    return line
 
 
 def _candidate_addresses() -> list[str]:
@@ -95,31 +81,73 @@ class Supervisor:
             threading.Thread(target=self._watch_root, daemon=True).start()
 
     def _accept_workers(self, server: socket.socket, nonce: str) -> None:
-        """Take connections until every worker has introduced itself with the nonce; close the others."""
+        """Take connections until every worker has introduced itself with the nonce, all at once (a silent
+        or trickling stranger holds up nobody): each gets LINE_TIMEOUT_S for its line, the whole
+        HANDSHAKE_TIMEOUT_S; strangers and garbage are closed."""
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        while len(self._peers) < self.comm.size - 1:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                known = {rank for rank, _ in self._peers.values()}
-                missing = [r for r in range(1, self.comm.size) if r not in known]
-                raise TimeoutError(f"rank(s) {missing} did not connect to rank 0 within {HANDSHAKE_TIMEOUT_S:.0f} s")
-            server.settimeout(left)
-            try:
-                conn, _addr = server.accept()
-            except TimeoutError:
-                continue
-            try:
-                token, rank_text, host = _read_line(conn, min(left, LINE_TIMEOUT_S)).decode().split(maxsplit=2)
-                rank = int(rank_text)
-                known = {r for r, _ in self._peers.values()}
-                if hmac.compare_digest(token.encode(), nonce.encode()) and 0 < rank < self.comm.size \
-                        and rank not in known:
-                    conn.settimeout(None)
-                    self._peers[conn] = (rank, host.strip())
-                    continue
-            except (OSError, ValueError):  # silent, garbled, or not ours
-                pass
+        pending: dict[socket.socket, tuple[float, bytes]] = {}  # connection -> (its deadline, what it sent)
+        with selectors.DefaultSelector() as sel:
+            sel.register(server, selectors.EVENT_READ)
+            while len(self._peers) < self.comm.size - 1:
+                now = time.monotonic()
+                if now >= deadline:
+                    for conn in pending:
+                        conn.close()
+                    known = {rank for rank, _ in self._peers.values()}
+                    missing = [r for r in range(1, self.comm.size) if r not in known]
+                    raise TimeoutError(f"rank(s) {missing} did not connect to rank 0 within "
+                                       f"{HANDSHAKE_TIMEOUT_S:.0f} s")
+                for conn, (until, _) in list(pending.items()):
+                    if now >= until:
+                        self._drop(sel, pending, conn)
+                wait = min([deadline, *(until for until, _ in pending.values())]) - now
+                for key, _ in sel.select(max(0.0, wait)):
+                    if key.fileobj is server:
+                        conn, _addr = server.accept()
+                        conn.setblocking(False)
+                        pending[conn] = (time.monotonic() + LINE_TIMEOUT_S, b"")
+                        sel.register(conn, selectors.EVENT_READ)
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    until, line = pending[conn]
+                    try:
+                        chunk = conn.recv(512 - len(line))
+                    except OSError:
+                        chunk = b""
+                    line += chunk
+                    if chunk and not line.endswith(b"\n") and len(line) < 512:
+                        pending[conn] = (until, line)
+                        continue
+                    introduced = self._introduction(line, nonce)
+                    if introduced is None:
+                        self._drop(sel, pending, conn)
+                        continue
+                    sel.unregister(conn)
+                    del pending[conn]
+                    conn.setblocking(True)
+                    self._peers[conn] = introduced
+        for conn in pending:
             conn.close()
+
+    def _introduction(self, line: bytes, nonce: str) -> tuple[int, str] | None:
+        """A worker's (rank, host) from its line, if it holds the nonce and a rank not yet taken."""
+        try:
+            token, rank_text, host = line.decode().split(maxsplit=2)
+            rank = int(rank_text)
+        except ValueError:  # garbled, or not utf-8
+            return None
+        known = {r for r, _ in self._peers.values()}
+        if hmac.compare_digest(token.encode(), nonce.encode()) and 0 < rank < self.comm.size and rank not in known:
+            return rank, host.strip()
+        return None
+
+    @staticmethod
+    def _drop(sel: selectors.BaseSelector, pending: dict[socket.socket, tuple[float, bytes]],
+              conn: socket.socket) -> None:
+        sel.unregister(conn)
+        del pending[conn]
+        conn.close()
 
     @staticmethod
     def _connect(addrs: list[str], port: int) -> socket.socket:

@@ -176,14 +176,17 @@ def _catch(fn: Callable[[], object]) -> object:
 
 
 def test_handshake_takes_only_workers_with_the_nonce(monkeypatch) -> None:
-    """A silent connection, a trickling one, garbage, a wrong nonce and a duplicate rank are closed; the two
-    workers count. (No watchdog: its root would be this test process.)"""
+    """Silent connections, a trickling one, garbage, a wrong nonce and a duplicate rank are closed; the two
+    workers count. Strangers are handled all at once: ten silent ones at 0.5 s each, one by one, would
+    outlast the 3 s handshake. (No watchdog: its root would be this test process.)"""
     monkeypatch.setattr(supervisor, "LINE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(supervisor, "HANDSHAKE_TIMEOUT_S", 3.0)
     monkeypatch.setattr(Supervisor, "_start_watchdog", lambda self: None)
     kept = []
 
     def clients(addrs: list[str], port: int, nonce: str) -> None:
         assert addrs == ["127.0.0.1"]  # one host: loopback only
+        kept.extend(socket.create_connection((addrs[0], port)) for _ in range(10))  # silent
         trickle = socket.create_connection((addrs[0], port))
         kept.append(trickle)
         for _ in range(4):  # a byte every 0.2 s: each recv is in time, the line is not
