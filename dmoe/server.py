@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API on the root: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""OpenAI-compatible HTTP API on the root: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+and vLLM's /tokenize and /detokenize.
 
 The standard library's threading HTTP server parses and validates each request on its own thread, then
 queues a Job; the one engine thread (the caller of `serve`, so that signals reach it) runs the jobs in
@@ -197,6 +198,27 @@ class API:
     # ---- requests -> jobs (handler threads) ---------------------------------------------------
 
     def chat_job(self, body: dict[str, Any]) -> Job:
+        ids, text = self._chat_prompt(body)
+        return self._job(body, True, ids, opens_thinking(text))
+
+    def completion_job(self, body: dict[str, Any]) -> Job:
+        return self._job(body, False, self._completion_prompt(body), None)
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /tokenize (vLLM's shape): the ids of a chat's rendered prompt ("messages") or of a text."""
+        ids = self._chat_prompt(body)[0] if "messages" in body else self._completion_prompt(body)
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /detokenize: the text of token ids."""
+        ids = _get(body, "tokens", "array")
+        vocab = self.engine.config.vocab_size
+        if ids is None or not all(_TYPES["integer"](i) and 0 <= i < vocab for i in ids):
+            raise APIError(400, f"'tokens' must be an array of token ids in 0..{vocab - 1}", "tokens")
+        return {"prompt": self.tok.decode(ids)}
+
+    def _chat_prompt(self, body: dict[str, Any]) -> tuple[list[int], str]:
+        """The ids of the messages rendered by the model's chat template, and that text."""
         messages = _get(body, "messages", "array")
         if not messages:
             raise APIError(400, "'messages' must be a non-empty array", "messages")
@@ -207,9 +229,10 @@ class API:
             text = self.tok.render_chat(messages, enable_thinking=thinking)
         except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or a jinja error
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-        return self._job(body, True, self.tok.encode(text), opens_thinking(text))
+        return self.tok.encode(text), text
 
-    def completion_job(self, body: dict[str, Any]) -> Job:
+    def _completion_prompt(self, body: dict[str, Any]) -> list[int]:
+        """A completion's prompt as ids: a text, or ids as given (checked against the vocabulary)."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of one
@@ -223,7 +246,7 @@ class API:
         else:
             raise APIError(400, "'prompt' must be a string, or an array of token ids (one prompt per request)",
                            "prompt")
-        return self._job(body, False, ids, None)
+        return ids
 
     def _job(self, body: dict[str, Any], chat: bool, ids: list[int], thinking: bool | None) -> Job:
         _get(body, "model", "string")  # any name: this server has one model
@@ -385,6 +408,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         api = self.server.api
         path = self.path.split("?")[0]
+        if path in ("/tokenize", "/detokenize"):
+            self._send_json(200, api.tokenize(body) if path == "/tokenize" else api.detokenize(body))
+            return
         if path == "/v1/chat/completions":
             job = api.chat_job(body)
         elif path == "/v1/completions":

@@ -311,6 +311,23 @@ def test_api_key(server: Server) -> None:
     assert server.request("GET", "/health", key=None)[0] == 200
 
 
+def test_tokenize_and_detokenize(server: Server, tok: Tokenizer) -> None:
+    """vLLM's /tokenize and /detokenize against the model's own tokenizer and template."""
+    status, r = server.request("POST", "/tokenize", {"model": NAME, "prompt": "Hello there, world"})
+    assert status == 200 and r["tokens"] == tok.encode("Hello there, world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == CONTEXT
+    msgs = [{"role": "user", "content": "Hi"}]
+    status, r = server.request("POST", "/tokenize", {"messages": msgs})
+    assert status == 200 and r["tokens"] == tok.encode(tok.render_chat(msgs, enable_thinking=True))
+    status, back = server.request("POST", "/detokenize", {"tokens": r["tokens"]})
+    assert status == 200 and back["prompt"] == tok.render_chat(msgs, enable_thinking=True)
+    for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"messages": []}, "messages"),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens"), ("/detokenize", {}, "tokens")):
+        status, answer = server.request("POST", path, body)
+        assert (status, answer["error"]["param"]) == (400, param), (path, body, answer)
+    assert server.request("POST", "/tokenize", {"prompt": "x"}, key="wrong")[0] == 401
+
+
 def rank_processes(server: Server) -> dict[int, psutil.Process]:
     """The job's rank processes (mpirun's descendants running launch.py; not rank 0's watchdog), by PMI_RANK."""
     ranks = {}
