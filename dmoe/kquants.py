@@ -224,6 +224,20 @@ def _make_qkx2_lanes(x, ns, n, nmax, w, L, rmin, rdelta, nstep, use_mad, xt, wt,
 
 
 @numba.njit(inline="always", error_model="numpy")
+def _qx_levels(xt, isc, nmax, ww, wx, laux, slx, sl2):
+    """One candidate of make_qx_quants for the 16 lanes: levels round(isc * x) in [-nmax, nmax) into laux,
+    and the sums of w*x*l into slx and of w*l*l into sl2 (added to what they hold)."""
+    for i in range(16):
+        for j in range(16):
+            k = 16 * i + j
+            q = max(-nmax, min(nmax - 1, _nearest_int(isc[j] * xt[k])))
+            laux[k] = q
+            fq = _f(q)
+            slx[j] += wx[k] * fq
+            sl2[j] += ww[k] * fq * fq
+
+
+@numba.njit(inline="always", error_model="numpy")
 def _make_qx_rmse1_lanes(x, L, xt, ww, wx, laux, ln):
     """make_qx_quants(16, 32, x + 16*j, L + 16*j, rmse_type 1, no weights) for the 16 sub-blocks of a Q6_K
     super-block x[256]: levels + 32 into L, scales into ln[0]. As in _make_qkx2_lanes, the 16 sub-blocks
@@ -252,14 +266,7 @@ def _make_qx_rmse1_lanes(x, L, xt, ww, wx, laux, ln):
             mx[j] = xi if bigger else mx[j]
     for j in range(16):
         isc[j] = -fnmax / mx[j]
-    for i in range(16):
-        for j in range(16):
-            k = 16 * i + j
-            q = max(-nmax, min(nmax - 1, _nearest_int(isc[j] * xt[k])))
-            laux[k] = q
-            fq = _f(q)
-            slx[j] += wx[k] * fq
-            sl2[j] += ww[k] * fq * fq
+    _qx_levels(xt, isc, nmax, ww, wx, laux, slx, sl2)
     for j in range(16):
         skip = amax[j] < _EPS
         s = slx[j] / sl2[j] if sl2[j] != _F0 else _F0
@@ -274,14 +281,7 @@ def _make_qx_rmse1_lanes(x, L, xt, ww, wx, laux, ln):
             isc[j] = -(fnmax + _TENTH * _f(step)) / mx[j]
             slx[j] = _F0
             sl2[j] = _F0
-        for i in range(16):
-            for j in range(16):
-                k = 16 * i + j
-                q = max(-nmax, min(nmax - 1, _nearest_int(isc[j] * xt[k])))
-                laux[k] = q
-                fq = _f(q)
-                slx[j] += wx[k] * fq
-                sl2[j] += ww[k] * fq * fq
+        _qx_levels(xt, isc, nmax, ww, wx, laux, slx, sl2)
         for j in range(16):
             if sl2[j] > _F0 and slx[j] * slx[j] > best[j] * sl2[j]:
                 for i in range(16):
