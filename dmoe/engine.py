@@ -119,9 +119,9 @@ class Engine:
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
                          preload)
         except Exception as e:
-            if supervisor is not None and comm.rank != 0:
-                supervisor.fail(one_line(e))  # the root reports it and every rank stops
             if supervisor is not None:
+                if comm.rank != 0:
+                    supervisor.fail(one_line(e))  # does not return: the root reports it and every rank stops
                 supervisor.abort()  # the root's own failure: the workers go now, not at an exit MPI may block
             raise
         engine.supervisor = supervisor

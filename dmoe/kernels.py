@@ -78,6 +78,7 @@ def packed_format(qtypes: Sequence[QT]) -> str:
         return DECODED_FORMAT
     raise ValueError(f"cannot pack rows of types {sorted(names)} into one matrix")
 
+
 def layout_runs(qtypes: Sequence[QT]) -> list[tuple[int, int]]:
     """Index ranges [i, j) of consecutive row ranges whose types share a layout: packed together, each run in
     its own layout (see RowStack)."""

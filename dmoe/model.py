@@ -100,7 +100,8 @@ class Layer:
             ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, ids, weights)
             routing[:, :k], routing[:, k:] = ids.view(np.float32), weights
         comm.bcast(routing)
-        ids[:], weights[:] = routing[:, :k].view(np.int32), routing[:, k:]
+        if w.router is None:  # the other ranks unpack the root's choices
+            ids[:], weights[:] = routing[:, :k].view(np.int32), routing[:, k:]
         local = st.local_ids[:T]
         ops.local_expert_ids(ids, self.expert_offset, self.n_local_experts, local)
         if w.gate is not None:

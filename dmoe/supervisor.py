@@ -88,47 +88,51 @@ class Supervisor:
         pending: dict[socket.socket, tuple[float, bytes]] = {}  # connection -> (its deadline, what it sent)
         with selectors.DefaultSelector() as sel:
             sel.register(server, selectors.EVENT_READ)
-            while len(self._peers) < self.comm.size - 1:
-                now = time.monotonic()
-                if now >= deadline:
-                    for conn in pending:
-                        conn.close()
-                    known = {rank for rank, _ in self._peers.values()}
-                    missing = [r for r in range(1, self.comm.size) if r not in known]
-                    raise TimeoutError(f"rank(s) {missing} did not connect to rank 0 within "
-                                       f"{HANDSHAKE_TIMEOUT_S:.0f} s")
-                for conn, (until, _) in list(pending.items()):
-                    if now >= until:
-                        self._drop(sel, pending, conn)
-                wait = min([deadline, *(until for until, _ in pending.values())]) - now
-                for key, _ in sel.select(max(0.0, wait)):
-                    if key.fileobj is server:
-                        conn, _addr = server.accept()
-                        conn.setblocking(False)
-                        pending[conn] = (time.monotonic() + LINE_TIMEOUT_S, b"")
-                        sel.register(conn, selectors.EVENT_READ)
-                        continue
-                    conn = key.fileobj
-                    assert isinstance(conn, socket.socket)
-                    until, line = pending[conn]
-                    try:
-                        chunk = conn.recv(512 - len(line))
-                    except OSError:
-                        chunk = b""
-                    line += chunk
-                    if chunk and not line.endswith(b"\n") and len(line) < 512:
-                        pending[conn] = (until, line)
-                        continue
-                    introduced = self._introduction(line, nonce)
-                    if introduced is None:
-                        self._drop(sel, pending, conn)
-                        continue
-                    sel.unregister(conn)
-                    del pending[conn]
-                    conn.setblocking(True)
-                    self._peers[conn] = introduced
-        for conn in pending:
-            conn.close()
+            try:
+                while len(self._peers) < self.comm.size - 1:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        known = {rank for rank, _ in self._peers.values()}
+                        missing = [r for r in range(1, self.comm.size) if r not in known]
+                        raise TimeoutError(f"rank(s) {missing} did not connect to rank 0 within "
+                                           f"{HANDSHAKE_TIMEOUT_S:.0f} s")
+                    for conn, (until, _) in list(pending.items()):
+                        if now >= until:
+                            self._drop(sel, pending, conn)
+                    wait = min([deadline, *(until for until, _ in pending.values())]) - now
+                    for key, _ in sel.select(max(0.0, wait)):
+                        if key.fileobj is server:
+                            conn, _addr = server.accept()
+                            conn.setblocking(False)
+                            pending[conn] = (time.monotonic() + LINE_TIMEOUT_S, b"")
+                            sel.register(conn, selectors.EVENT_READ)
+                        else:
+                            assert isinstance(key.fileobj, socket.socket)
+                            self._read_introduction(key.fileobj, sel, pending, nonce)
+            finally:
+                for conn in pending:  # strangers, and whoever was still silent
+                    conn.close()
+
+    def _read_introduction(self, conn: socket.socket, sel: selectors.BaseSelector,
+                           pending: dict[socket.socket, tuple[float, bytes]], nonce: str) -> None:
+        """Read what a pending connection sent; once its line is whole, keep it as a worker or drop it."""
+        until, line = pending[conn]
+        try:
+            chunk = conn.recv(512 - len(line))
+        except OSError:
+            chunk = b""
+        line += chunk
+        if chunk and not line.endswith(b"\n") and len(line) < 512:
+            pending[conn] = (until, line)
+            return
+        introduced = self._introduction(line, nonce)
+        if introduced is None:
+            self._drop(sel, pending, conn)
+            return
+        sel.unregister(conn)
+        del pending[conn]
+        conn.setblocking(True)
+        self._peers[conn] = introduced
 
     def _introduction(self, line: bytes, nonce: str) -> tuple[int, str] | None:
         """A worker's (rank, host) from its line, if it holds the nonce and a rank not yet taken."""
