@@ -127,9 +127,10 @@ class ExpertWeights:
         self.quantised = fmt not in _FLOAT
 
     @property
-    def lead(self) -> int:
-        """Blocks of the first super-block record before column col0 (0 for the other layouts)."""
-        return self.col0 % 256 // QK if self.fmt in _SUPER else 0
+    def record_blocks(self) -> int:
+        """32-column blocks per record of a super-block layout: 8 (the file's super-block) unless columns
+        col0.. cut super-blocks, then the most of 4, 2, 1 that tiles them (1 for the other layouts)."""
+        return _record_blocks(self.col0, self.cols) if self.fmt in _SUPER else 1
 
     @staticmethod
     def layout(n_experts: int, rows: int, cols: int, fmt: str, col0: int = 0) -> tuple[tuple[int, ...], np.dtype]:
@@ -138,9 +139,9 @@ class ExpertWeights:
         if fmt in _SUPER:
             if cols % QK or col0 % QK:
                 raise ValueError(f"{fmt} weights need 32-aligned columns, got {col0}..{col0 + cols}")
-            records = -(-(col0 % 256 + cols) // 256)
-            dtype = np.dtype(_SUPER[fmt])
-            return (n_experts, groups, R // 8, records, super_geometry(dtype.name)[-1] // dtype.itemsize), dtype
+            blocks, dtype = _record_blocks(col0, cols), np.dtype(_SUPER[fmt])
+            record = super_geometry(dtype.name, blocks)[-1] // dtype.itemsize
+            return (n_experts, groups, R // 8, cols // QK // blocks, record), dtype
         if fmt in _FLOAT:
             return (n_experts, groups, cols, R), np.dtype(_FLOAT[fmt][0])  # [E, G, cols, R]
         if fmt not in _QUANT and fmt != DECODED_FORMAT:
@@ -171,8 +172,9 @@ class ExpertWeights:
         if self.fmt in _SUPER:
             dtype = self.data.dtype.name
             _, bits, per16, has_min, lut, offset = SUPER_FORMATS[dtype]
-            header, dmin, sc, m, block, _ = super_geometry(dtype)
-            geometry = (bits, int(per16), int(has_min), int(lut), offset, header, dmin, sc, m, block)
+            blocks = self.record_blocks
+            header, dmin, sc, m, block, _ = super_geometry(dtype, blocks)
+            geometry = (bits, int(per16), int(has_min), int(lut), offset, blocks, header, dmin, sc, m, block)
             data = self.data.view(np.uint8).reshape(*self.data.shape[:4], -1)
             repack_super(raw, int(qtype), col0 // QK, self.cols // QK, row0, data, geometry)
             return
@@ -182,6 +184,11 @@ class ExpertWeights:
         else:
             eb = quant.ELEMENT_BYTES[qtype]
             repack_float(raw[..., col0 * eb:(col0 + self.cols) * eb], row0, self.data.view(_FLOAT[self.fmt][1]))
+
+
+def _record_blocks(col0: int, cols: int) -> int:
+    """Blocks per record of a super-block layout of columns col0 .. col0 + cols (see kernels_formats.py)."""
+    return next(b for b in (8, 4, 2, 1) if col0 // QK % b == 0 and cols // QK % b == 0)
 
 
 class Weight(ExpertWeights):
@@ -196,7 +203,7 @@ class Weight(ExpertWeights):
 
     def matmul(self, x: np.ndarray, out: np.ndarray, at: int = 0) -> None:
         """x f32[T, cols] -> out f32[T, at : at + rows] (overwritten; the other columns of out untouched)."""
-        _matmul(self.data, (self.lead, self.cols // QK), x, *_X.get(x.shape[0], x.shape[1] // QK), out, at,
+        _matmul(self.data, (self.record_blocks, self.cols // QK), x, *_X.get(x.shape[0], x.shape[1] // QK), out, at,
                 self.rows, _isa)
 
 
@@ -255,8 +262,8 @@ def moe_forward(
     route = _ROUTE.get(n_exp, n_slots, _max_items(n_exp, n_slots, n_groups))
     act = _ACT.get(n_slots, n_groups * R)
     h_q8 = _H.get(h.shape[0], h.shape[1] // QK)
-    _moe(gate.data, up.data, down.data, down.lead, down.cols, h, *h_q8, ids, weights, out, *act, *route, _isa,
-         get_num_threads())
+    _moe(gate.data, up.data, down.data, gate.record_blocks, down.record_blocks, down.cols, h, *h_q8, ids, weights,
+         out, *act, *route, _isa, get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,13 +290,13 @@ def _matmul(w, wcol, x, xq, xd, xs, iota, out, at, rows, isa):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _moe(gw, uw, dw, dlead, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
+def _moe(gw, uw, dw, hblocks, dblocks, ff, h, hq, hd, hs, _h_iota, ids, weights, out, act, aq, ad, as_, iota,
          offsets, fill, slot_tok, slot_w, items, isa, n_threads):  # fmt: skip
     """See moe_forward; the scratch (_q8_rows, _moe_act, _moe_route) may be larger than needed.
     h [T, d] and act [S, ffp] (the intermediate activation, slots in expert order), each with room for
     its Q8_0 form; offsets [E+1], fill [E]: per expert slot ranges; items: phase A's work list."""
     hact, aact = (h, hq, hd, hs), (act, aq, ad, as_)
-    hcol, dcol = (0, h.shape[1] // QK), (dlead, ff // QK)
+    hcol, dcol = (hblocks, h.shape[1] // QK), (dblocks, ff // QK)
     n_tok, k = ids.shape
     n_exp, g_ff = gw.shape[0], gw.shape[1]
     for t in range(n_tok):

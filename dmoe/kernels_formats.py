@@ -22,10 +22,13 @@ per block and defeats vectorisation:
                                     ground for the types without a compact layout of their own
     Q4_K uint16, Q5_K int16, Q6_K int32, IQ4_XS int64  [E, G, 4, records, record / itemsize]: the
                                     super-block layouts (kernels_simd.super_geometry): per 8 rows and
-                                    256-column record of the file's super-block, the rows' f16 d (and
+                                    256-column super-block of the file, a record of the rows' f16 d (and
                                     dmin), int8 scales (and mins), then 8 blocks of nibbles plus 1 or 2
                                     high-bit planes (IQ4_XS: nibbles index its grid); within 3% of the
-                                    file's bytes. The dtype only tells the kernels which format
+                                    file's bytes. Where a rank's column slice cuts super-blocks (768
+                                    columns over 2 ranks: 384 = 1.5 of them), records of 4, 2 or 1 blocks
+                                    instead, each with its super-block's d and dmin: no padding, and the
+                                    weight stream has no holes. The dtype only tells the kernels which format
     F32   float32 [E, G, cols, R]
     F16   uint16  [E, G, cols, R]   (the f16 bits)
     BF16  int16   [E, G, cols, R]   (the bf16 bits; int16 only so that kernels tell the two 16-bit
@@ -155,10 +158,11 @@ def repack_decoded(src, qt, b0, row0, dst):
 @njit(parallel=True, cache=True)
 def repack_super(src, qt, b0, nblocks, row0, dst, geometry):
     """Sub-blocks b0 .. b0 + nblocks - 1 of rows of ggml type qt -> a super-block layout dst (viewed as
-    uint8 [E, G, 4, records, record bytes]) as rows row0.. . Records follow the file's 256-weight
-    super-blocks, so a slice that starts inside one leaves that record's first blocks zero (never read).
-    geometry: (bits, per16, has_min, lut, offset, header, dmin, sc, m, block) of kernels_simd."""
-    bits, per16, has_min, lut, offset, header, dmin_at, sc_at, m_at, block = geometry
+    uint8 [E, G, 4, records, record bytes]) as rows row0.. . Each record holds `blocks` consecutive sub-blocks
+    of one of the file's 256-weight super-blocks (blocks divides 8, b0 % 8 and nblocks), with that
+    super-block's d and dmin. geometry: (bits, per16, has_min, lut, offset, blocks, header, dmin, sc, m,
+    block) of kernels_simd."""
+    bits, per16, has_min, lut, offset, blocks, header, dmin_at, sc_at, m_at, block = geometry
     n_exp, n = src.shape[0], src.shape[1]
     g0, g1 = row0 // R, (row0 + n + R - 1) // R
     for i in prange(n_exp * (g1 - g0)):
@@ -166,9 +170,9 @@ def repack_super(src, qt, b0, nblocks, row0, dst, geometry):
         q = np.empty(QK, np.int8)
         for row in range(max(g * R, row0), min(g * R + R, row0 + n)):
             p, rr = (row - g * R) // 8, (row - g * R) % 8
-            for gb in range(b0, b0 + nblocks):
-                rec, j = gb // 8 - b0 // 8, gb % 8
-                d, dmin, sc0, sc1, m0, m1 = decode(qt, src[e, row - row0], gb, q)
+            for b in range(nblocks):
+                rec, j = b // blocks, b % blocks
+                d, dmin, sc0, sc1, m0, m1 = decode(qt, src[e, row - row0], b0 + b, q)
                 r = dst[e, g, p, rec]
                 r[2 * rr], r[2 * rr + 1] = d & 0xFF, d >> 8
                 if has_min:
@@ -259,8 +263,8 @@ def _prepare_impl(w, act, row, c0, c1):
 
 def dot_group(w, wcol, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - typed by the overload below
     """acc[i, r] += row g*R + r of matrix e . activation row toks[i]; isa picks the micro-kernel. wcol:
-    (lead, nb): the weights' first block within their first super-block record, and the blocks to take
-    (read by the super-block layouts only)."""
+    (blocks, nb): the blocks per record of a super-block layout and the blocks of a row (read by the
+    super-block layouts only)."""
 
 
 def _block_isums(isa, w, widx, xq, rows, b):  # pragma: no cover - typed by the overload below
@@ -326,37 +330,31 @@ def _dot_group_decoded(w, wcol, e, g, act, toks, ntok, acc, isa):
 
 
 @njit(inline="always")
-def _super_run(isa, w, e, g, p, rec, j, take, act, tile, b, acc, i0):
-    """Blocks j .. j + take - 1 of a record (take: 8, 4 or 1) in one micro-kernel call, scales applied once."""
+def _super_records(isa, w, e, g, p, blocks, nb, act, tile, acc, i0):
+    """The nb // blocks records of panel p (`blocks` per record) times the tokens `tile`, one micro-kernel call
+    per record (its scales applied once); `blocks` becomes the literal the micro-kernel is unrolled for."""
     xq, xd, xs = act[1], act[2], act[3]
-    if take == 8:
-        super_block_dot(isa, w, (e, g, p, rec, 0), j, 8, xq, xd, xs, tile, b, acc, i0, p)
-    elif take == 4:
-        super_block_dot(isa, w, (e, g, p, rec, 0), j, 4, xq, xd, xs, tile, b, acc, i0, p)
-    else:
-        super_block_dot(isa, w, (e, g, p, rec, 0), j, 1, xq, xd, xs, tile, b, acc, i0, p)
+    for rec in range(nb // blocks):
+        if blocks == 8:
+            super_block_dot(isa, w, (e, g, p, rec, 0), 8, xq, xd, xs, tile, 8 * rec, acc, i0, p)
+        elif blocks == 4:
+            super_block_dot(isa, w, (e, g, p, rec, 0), 4, xq, xd, xs, tile, 4 * rec, acc, i0, p)
+        elif blocks == 2:
+            super_block_dot(isa, w, (e, g, p, rec, 0), 2, xq, xd, xs, tile, 2 * rec, acc, i0, p)
+        else:
+            super_block_dot(isa, w, (e, g, p, rec, 0), 1, xq, xd, xs, tile, rec, acc, i0, p)
 
 
 def _dot_group_super(w, wcol, e, g, act, toks, ntok, acc, isa):
-    """As _dot_group_quant, for the super-block layouts: block b of the activation is block lead + b of the
-    records (record (lead + b) // 8, its block (lead + b) % 8). A record's blocks go through the micro-kernel
-    8 or 4 at a time (their scales applied once per call); what a column slice leaves of a record, in runs
-    of 4 and single blocks (a rank's half record, when 2 ranks split a width of 3 records)."""
-    lead, nb = wcol
+    """As _dot_group_quant, for the super-block layouts: activation block b lies in record b // blocks."""
+    blocks, nb = wcol
     for p in range(w.shape[2]):
-        b = 0
-        while b < nb:
-            rec, j = (lead + b) // 8, (lead + b) % 8
-            left = min(8 - j, nb - b)
-            take = 8 if left == 8 else (4 if left >= 4 else 1)
-            i = 0
-            while ntok - i >= TOKENS:
-                _super_run(isa, w, e, g, p, rec, j, take, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), b,
-                           acc, i)
-                i += TOKENS
-            for k in range(i, ntok):
-                _super_run(isa, w, e, g, p, rec, j, take, act, (toks[k],), b, acc, k)
-            b += take
+        i = 0
+        while ntok - i >= TOKENS:
+            _super_records(isa, w, e, g, p, blocks, nb, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), acc, i)
+            i += TOKENS
+        for k in range(i, ntok):
+            _super_records(isa, w, e, g, p, blocks, nb, act, (toks[k],), acc, k)
 
 
 @overload(dot_group)

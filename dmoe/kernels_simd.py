@@ -389,19 +389,20 @@ SUPER_FORMATS = {"uint16": ("Q4_K", 4, False, True, False, 0), "int16": ("Q5_K",
 IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
-def super_geometry(dtype: str) -> tuple[int, int, int, int, int, int]:
+def super_geometry(dtype: str, blocks: int = 8) -> tuple[int, int, int, int, int, int]:
     """(header bytes, offset of dmin, of the scales, of the mins, payload bytes per 32-weight block, record
-    bytes) of one 8-row x 256-column record of a super-block layout: the 8 rows' f16 d, f16 dmin (types with
-    mins), int8 scales (per 16 or 32 weights, 8 rows each), int8 mins (per 32), then 8 blocks of payload:
-    4 vectors of nibbles (row r's bytes 4r..4r+3: low nibble weights 4v+k, high nibble 16+4v+k) and, for 5
-    and 6 bits, 1 or 2 vectors of high bits."""
+    bytes) of one 8-row record of `blocks` 32-column blocks (8: the file's whole 256-column super-block; 4, 2
+    or 1 where a rank's column slice cuts super-blocks, so that it keeps only the blocks it reads) of a
+    super-block layout: the 8 rows' f16 d, f16 dmin (types with mins), int8 scales (per 16 or 32 weights, 8
+    rows each), int8 mins (per 32), then the blocks' payload: 4 vectors of nibbles (row r's bytes 4r..4r+3:
+    low nibble weights 4v+k, high nibble 16+4v+k) and, for 5 and 6 bits, 1 or 2 vectors of high bits."""
     _, bits, per16, has_min, _, _ = SUPER_FORMATS[dtype]
     dmin = 16
     sc = dmin + (16 if has_min else 0)
-    m = sc + 8 * (16 if per16 else 8)
-    header = m + (64 if has_min else 0)
+    m = sc + blocks * (16 if per16 else 8)
+    header = m + (8 * blocks if has_min else 0)
     block = 128 + 32 * (bits - 4)
-    return header, dmin, sc, m, block, header + 8 * block
+    return header, dmin, sc, m, block, header + blocks * block
 
 
 def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
@@ -417,9 +418,9 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
 
 
 @intrinsic
-def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, acc, i0, p):
-    """Blocks j .. j + n_blocks - 1 (32 weights each; n_blocks a literal: 1, 4, or 8 for a whole record) of one
-    8-row record of a super-block layout (w[widx]: the record) times the Q8_0 blocks b.. of the tokens xrows,
+def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc, i0, p):
+    """The n_blocks blocks (32 weights each; n_blocks a literal: 8, 4, 2 or 1, the layout's blocks per record)
+    of one 8-row record of a super-block layout (w[widx]: the record) times the Q8_0 blocks b.. of the tokens xrows,
     added into acc[i0 + u, 8p .. 8p + 7]. Per block: the exact int32 sums S_h of q * x of each half h (16
     weights) less offset * xsum_h, and the integers I = sc . S and M = m * (xsum_0 + xsum_1); across the
     blocks, in f32 registers, F = sum of xd * I and G = sum of xd * M; at the end acc += d * F - dmin * G."""
@@ -428,16 +429,15 @@ def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, 
     if not isinstance(n_blocks, types.IntegerLiteral):
         return None
     _, bits, per16, has_min, lut, offset = SUPER_FORMATS[str(w.dtype)]
-    header, dmin_at, sc_at, m_at, block, _ = super_geometry(str(w.dtype))
     n_blk = n_blocks.literal_value
+    header, dmin_at, sc_at, m_at, block, _ = super_geometry(str(w.dtype), n_blk)
 
     def codegen(context, builder, sig, args):
-        isa_v, w_v, widx_v, j_v, _, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
+        isa_v, w_v, widx_v, _, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
         intp = types.intp
         rec = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
-        j0 = context.cast(builder, j_v, sig.args[3], intp)
-        b0 = context.cast(builder, b_v, sig.args[9], intp)
-        rows = [context.cast(builder, r, sig.args[8].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
+        b0 = context.cast(builder, b_v, sig.args[8], intp)
+        rows = [context.cast(builder, r, sig.args[7].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
         v32 = ir.VectorType(_I8, 32)
         f32s, i32s, i8s = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
 
@@ -482,21 +482,19 @@ def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, 
         n = len(rows)
         F = [ir.Constant(f32s, None) for _ in rows]
         G = [ir.Constant(f32s, None) for _ in rows]
-        for k in range(n_blk):
-            j = builder.add(j0, const(k))
-            blk = builder.add(b0, const(k))
-            pay = builder.gep(rec, [builder.add(const(header), builder.mul(j, const(block)))])
+        for j in range(n_blk):
+            blk = builder.add(b0, const(j))
+            pay = builder.gep(rec, [const(header + j * block)])
             _prefetch(builder, pay, PREFETCH_BYTES, block)
-            xptrs = [_ptr_at(context, builder, sig.args[5], xq_v, [r, blk, const(0)]) for r in rows]
+            xptrs = [_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, const(0)]) for r in rows]
             sums = block_sums(pay, xptrs)
             if per16:
-                sc0 = row_bytes(sc_at, builder.mul(j, const(2)))
-                sc1 = row_bytes(sc_at, builder.add(builder.mul(j, const(2)), const(1)))
+                sc0, sc1 = row_bytes(sc_at, const(2 * j)), row_bytes(sc_at, const(2 * j + 1))
             else:
-                sc0 = sc1 = row_bytes(sc_at, j)
-            mins = row_bytes(m_at, j) if has_min else None
+                sc0 = sc1 = row_bytes(sc_at, const(j))
+            mins = row_bytes(m_at, const(j)) if has_min else None
             for u, r in enumerate(rows):
-                h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[7], xs_v, [r, blk, const(h)])),
+                h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[6], xs_v, [r, blk, const(h)])),
                                        _I32) for h in (1, 2))
                 s0, s1 = sums[u], sums[n + u]
                 if offset:
@@ -504,25 +502,25 @@ def super_block_dot(typingctx, isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, 
                     s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), 8))
                 isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1)) if per16 else builder.mul(
                     sc0, builder.add(s0, s1))
-                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[6], xd_v, [r, blk])), 8)
+                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), 8)
                 F[u] = builder.fadd(F[u], builder.fmul(dx, builder.sitofp(isum, f32s)))
                 if has_min:
                     xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), 8))
                     G[u] = builder.fadd(G[u], builder.fmul(dx, builder.sitofp(xsum, f32s)))
         d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), 0), f32s)
         dmin = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), dmin_at), f32s) if has_min else None
-        col = builder.mul(context.cast(builder, p_v, sig.args[12], intp), const(8))
-        first = context.cast(builder, i0_v, sig.args[11], intp)
+        col = builder.mul(context.cast(builder, p_v, sig.args[11], intp), const(8))
+        first = context.cast(builder, i0_v, sig.args[10], intp)
         for u in range(n):
             val = builder.fmul(d, F[u])
             if has_min:
                 val = builder.fsub(val, builder.fmul(dmin, G[u]))
-            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[10], acc_v, [builder.add(first, const(u)), col]),
+            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[9], acc_v, [builder.add(first, const(u)), col]),
                                    f32s.as_pointer())
             builder.store(builder.fadd(builder.load(aptr, align=1), val), aptr, align=1)
         return context.get_dummy_value()
 
-    return types.void(isa, w, widx, j, n_blocks, xq, xd, xs, xrows, b, acc, i0, p), codegen
+    return types.void(isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc, i0, p), codegen
 
 
 @intrinsic
