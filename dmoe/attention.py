@@ -1,11 +1,12 @@
 """Causal GQA attention over the KV cache, and the cache's storage.
 
-The cache is [Hkv, S, D] per layer, f32 or f16. numba has no float16, so the f16 cache holds IEEE half
-bit patterns in uint16 (written with numpy's correctly rounded cast) and rows are widened in registers
-by bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower).
+The cache is [P, Hkv, S, D] per layer (P sequence slots), f32 or f16. numba has no float16, so the f16
+cache holds IEEE half bit patterns in uint16 (written with numpy's correctly rounded cast) and rows are
+widened in registers by bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower).
+A step's tokens may belong to several sequences (a batch): each token carries its slot and position.
 Work is split by (token, KV head): each K and V row is read once for the whole group of query heads
-that share it. A prefill widens an f16 cache to f32 once per layer first (widen), since it reads every row
-once per token.
+that share it. A one-sequence prefill widens its f16 cache to f32 once per layer first (widen), since it
+reads every row once per token.
 """
 
 from __future__ import annotations
@@ -20,37 +21,40 @@ from numba.extending import overload
 _TWO112 = np.float32(2.0**112)  # f16 -> f32 exponent rebias; also turns f16 subnormals into exact f32 values
 
 
-def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> None:
-    """Write the step's K, V [T, Hkv*D] into the caches [Hkv, S, D] at positions pos..pos+T-1."""
-    n_kv, _, D = k_cache.shape
+def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+             positions: np.ndarray) -> None:
+    """Write the step's K, V [T, Hkv*D] into the caches [P, Hkv, S, D]: token t at slot slots[t], position
+    positions[t]."""
+    _, n_kv, _, D = k_cache.shape
     T = k.shape[0]
     for src, cache in ((k, k_cache), (v, v_cache)):
-        vals = src.reshape(T, n_kv, D).transpose(1, 0, 2)
-        cache[:, pos:pos + T] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
+        vals = src.reshape(T, n_kv, D)
+        cache[slots, :, positions] = vals.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else vals
 
 
-def widen(k_cache: np.ndarray, v_cache: np.ndarray, n: int, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions 0..n-1 of f16 caches [Hkv, S, D] as f32 [Hkv, n, D] arrays in `scratch`: a prefill of T
-    tokens reads every row T times, so widening once beats widening on every read."""
-    n_kv, _, D = k_cache.shape
+def widen(k_cache: np.ndarray, v_cache: np.ndarray, slot: int, n: int,
+          scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n-1 of slot `slot` of f16 caches [P, Hkv, S, D] as f32 [1, Hkv, n, D] arrays in `scratch`:
+    a prefill of T tokens reads every row T times, so widening once beats widening on every read."""
+    _, n_kv, _, D = k_cache.shape
     size = n_kv * n * D
-    out = scratch[:size].reshape(n_kv, n, D), scratch[size:2 * size].reshape(n_kv, n, D)
+    out = scratch[:size].reshape(1, n_kv, n, D), scratch[size:2 * size].reshape(1, n_kv, n, D)
     for cache, dst in zip((k_cache, v_cache), out, strict=True):
-        np.copyto(dst, cache[:, :n].view(np.float16))
+        np.copyto(dst[0], cache[slot, :, :n].view(np.float16))
     return out
 
 
-def _row_f32(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
+def _row_f32(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
     raise NotImplementedError  # numba code only: see the overload
 
 
 @overload(_row_f32)
-def _row_f32_impl(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
-    """cache[kvh, j] as float32: the row itself (f32 cache) or widened into `bits` (f16 bits in uint16).
+def _row_f32_impl(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
+    """cache[slot, kvh, j] as float32: the row itself (f32 cache) or widened into `bits` (f16 bits in uint16).
     Finite halves only (a KV cache never holds inf or NaN)."""
     if isinstance(cache.dtype, types.Integer):
-        def widen(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
-            row = cache[kvh, j]
+        def widen(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
+            row = cache[slot, kvh, j]
             for i in range(row.shape[0]):
                 bits[i] = np.uint32(row[i] & 0x7FFF) << np.uint32(13)
             f = bits.view(np.float32)
@@ -58,29 +62,29 @@ def _row_f32_impl(cache, kvh, j, bits):  # type: ignore[no-untyped-def]
                 f[i] *= _TWO112 * np.float32(1 - 2 * np.int32(row[i] >> 15))
             return f
         return widen
-    return lambda cache, kvh, j, bits: cache[kvh, j]
+    return lambda cache, slot, kvh, j, bits: cache[slot, kvh, j]
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
-           scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
-    """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t (at position pos+t) seeing cache
-    positions 0..pos+t. q [T, H*D]; heads [Hkv, 2]: the query heads [start, stop) reading each KV head;
-    scores [threads, G, S] and bits [threads, D] are per-thread scratch."""
+def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+           positions: np.ndarray, scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
+    """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t seeing positions 0..positions[t] of
+    cache slot slots[t]. q [T, H*D]; caches [P, Hkv, S, D]; heads [Hkv, 2]: the query heads [start, stop)
+    reading each KV head; scores [threads, G, S] and bits [threads, D] are per-thread scratch."""
     T = q.shape[0]
-    n_kv, _, D = k_cache.shape
+    _, n_kv, _, D = k_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     for task in numba.prange(T * n_kv):
-        # tokens in pairs (first, last), (second, second last), ...: each pair costs the same under the causal
-        # mask, so prange's equal contiguous chunks of tasks are equal work
+        # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
+        # the causal mask, so prange's equal contiguous chunks of tasks are equal work
         m, kvh = task // n_kv, task % n_kv
         t = m // 2 if m % 2 == 0 else T - 1 - m // 2
         h0, h1 = heads[kvh, 0], heads[kvh, 1]
-        n = pos + t + 1
+        n, slot = positions[t] + 1, slots[t]
         tid = numba.get_thread_id()
         sc, buf = scores[tid], bits[tid]
         for j in range(n):
-            kr = _row_f32(k_cache, kvh, j, buf)
+            kr = _row_f32(k_cache, slot, kvh, j, buf)
             for g in range(h1 - h0):
                 qh = q[t, (h0 + g) * D:(h0 + g + 1) * D]
                 acc = np.float32(0.0)
@@ -101,7 +105,7 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
                 sc[g, j] *= inv
             out[t, (h0 + g) * D:(h0 + g + 1) * D] = 0.0
         for j in range(n):
-            vr = _row_f32(v_cache, kvh, j, buf)
+            vr = _row_f32(v_cache, slot, kvh, j, buf)
             for g in range(h1 - h0):
                 o = out[t, (h0 + g) * D:(h0 + g + 1) * D]
                 p = sc[g, j]

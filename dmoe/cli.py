@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", help="require this bearer token")
     s.add_argument("--model-name", help="model id reported by the API (default: the file's name)")
+    s.add_argument("--parallel", type=int, default=4,
+                   help="requests served at once, each in its own KV cache slot of --max-seq-len tokens (default 4)")
 
     b = sub.add_parser("bench", help="measure prefill and decode speed")
     model_args(b)
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=128, help="tokens to decode")
     b.add_argument("--depth", type=lambda v: [int(x) for x in v.split(",")], default=[],
                    help="also decode --steps tokens after this many tokens of context; a comma list measures each")
+    b.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help="also serve this many concurrent streams of the first --prompt-len and --steps tokens, "
+                   "batched as the server does; a comma list measures each (aggregate tok/s, latency)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     i = sub.add_parser("info", help="describe a model file")
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
     pl.add_argument("--kv-type", choices=["f16", "f32"], default="f16")
     pl.add_argument("--prompt-len", type=int, default=512, help="the longest prefill to hold buffers for")
+    pl.add_argument("--parallel", type=int, default=1, help="KV cache slots (serve's --parallel; default 1)")
     pl.add_argument("--nthreads", type=int, default=1, help="threads per rank (attention scratch)")
     return p
 
@@ -179,6 +185,8 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--nthreads must be >= 1")
     if getattr(args, "steps", 1) < 1:
         problems.append("--steps must be >= 1")
+    if getattr(args, "parallel", 1) < 1:
+        problems.append("--parallel must be >= 1")
     if args.command == "generate":
         if (args.prompt is None) == (args.prompt_ids is None):
             problems.append("give exactly one of --prompt and --prompt-ids")
@@ -188,6 +196,10 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--prompt-len must be >= 1")
     if args.command == "bench" and args.depth and min(args.depth) < 1:
         problems.append("--depth must be >= 1")
+    if args.command == "bench" and args.clients and min(args.clients) < 1:
+        problems.append("--clients must be >= 1")
+    if args.command == "bench":
+        args.parallel = max(args.clients, default=1)
     if problems:
         print(f"dmoe: error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
@@ -230,7 +242,7 @@ def _plan(args: argparse.Namespace) -> str:
         cfg = ModelConfig.from_hf_file(args.config)
         types, what = tensor_types(cfg, args.type), f"{os.path.basename(args.config)} as {args.type}"
     return report(cfg, types, what, args.ranks, args.moe_split, args.max_seq_len, args.kv_type, args.prompt_len,
-                  args.nthreads)
+                  args.nthreads, args.parallel)
 
 
 def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
@@ -243,12 +255,13 @@ def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
     engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
                          moe_split=args.moe_split, comm=comm, supervisor=sup,
                          progress=comm.rank == 0 and sys.stderr.isatty(), pack_cache=cache,
-                         preload=args.command == "bench")
+                         preload=args.command == "bench", parallel=getattr(args, "parallel", 1))
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
               f"(top-{cfg.num_experts_per_tok}), {comm.size} rank(s) x {engine.nthreads} thread(s); KV cache "
-              f"{engine.kv_bytes / 2**20:.0f} MB ({args.kv_type}, {engine.max_seq_len} tokens)"
+              f"{engine.kv_bytes / 2**20:.0f} MB ({args.kv_type}, "
+              + (f"{engine.parallel} slots of " if engine.parallel > 1 else "") + f"{engine.max_seq_len} tokens)"
               + (f"; loaded in {time.perf_counter() - t0:.1f} s" if args.verbose else "")
               + (" from the pack cache" if args.verbose and engine.pack_cache_hit else ""), file=sys.stderr)
     return engine
@@ -327,15 +340,19 @@ def _generate(args: argparse.Namespace, engine: Any) -> int:
 
 def _bench(args: argparse.Namespace, engine: Any) -> int:
     """For each --prompt-len: prefill that many random ids from an empty cache; after the first, also decode
-    --steps tokens greedily; for each --depth, decode --steps tokens after that many tokens of context.
-    Reports tok/s, time to first token, load time and each rank's peak memory.
+    --steps tokens greedily; for each --depth, decode --steps tokens after that many tokens of context; for
+    each --clients, that many concurrent streams (servebench.py). Reports tok/s, time to first token, load time
+    and each rank's peak memory.
     The weights are read in whole at load (preload) and an untimed prefill of the longest prompt and a decode
     step run first, as llama_peer.py does for llama.cpp: the figures are steady state, start-up is load_s."""
     import numpy as np
 
     from dmoe.generation import GenerationStats, generate
     from dmoe.sampling import SamplingParams
+    from dmoe.servebench import run_streams
 
+    if args.clients and engine.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; --clients serves text, which needs one")
     rng = np.random.default_rng(0)
 
     def random_ids(n: int) -> list[int]:
@@ -370,6 +387,13 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         result[f"decode_at{depth}_tok_s"] = stats.decode_tok_s
         if not args.json:
             print(f"dmoe: after {depth} tokens of context: {stats.summary()}")
+    for clients in args.clients:
+        served = run_streams(engine, clients, args.prompt_len[0], args.steps, rng)
+        result[f"serve{clients}"] = served
+        if not args.json:
+            print(f"dmoe: {clients} concurrent streams: {served['aggregate_tok_s']:.1f} tok/s in all, time to first "
+                  f"token {served['ttft_p50_ms']:.0f} ms (median), between tokens {served['itl_p50_ms']:.1f} ms "
+                  f"(p50) {served['itl_p99_ms']:.1f} ms (p99)")
     result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
     if args.json:
         print(json.dumps(result))

@@ -1,14 +1,17 @@
-"""Engine: loads one rank's shard, owns the KV cache, runs forward steps; the root drives, workers follow.
+"""Engine: loads one rank's shard, owns the KV cache's slots, runs forward steps; the root drives, workers
+follow.
 
-The root (rank 0) owns user I/O: it calls `forward`, `truncate`, `close`. Each call first
-broadcasts a small command so that workers, sitting in `serve_forever`, run the same step and
-join the same collectives. With a world of one the broadcasts are no-ops and this is a plain
-single-process engine.
+The root (rank 0) owns user I/O: it calls `step` (or `forward`, one sequence), `close`. Each step first
+sends a small command (see `Command`) so that workers, sitting in `serve_forever`, run the same step and
+join the same collectives; the step's sequences (slot, position, count) and tokens follow in one broadcast.
+Only the root keeps the tokens in each slot: a worker needs nothing but what the step tells it. With a
+world of one the broadcasts are no-ops and this is a plain single-process engine.
 """
 
 from __future__ import annotations
 
 import atexit
+import enum
 import os
 import resource
 import sys
@@ -18,9 +21,8 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
-from dmoe import ops, quant
 from dmoe.comm import SPIN_S, LocalComm, MPIComm, make_comm
-from dmoe.model import Layer, RunState
+from dmoe.model import Batch, Model
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore, StaleCacheError
 from dmoe.plan import ShardPlan
@@ -29,8 +31,14 @@ from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
 
 KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see attention.py)
-_FORWARD, _TRUNCATE, _STOP, _REPORT = 1, 2, 3, 4
-DECODE_CAPACITY = 1
+
+
+class Command(enum.IntEnum):
+    """What the root asks of the workers; the header [command, a, b, c] carries the arguments."""
+
+    FORWARD = 1  # a step: a = tokens, b = sequences, c = all logits; then the step's sequences and ids
+    STOP = 2  # leave serve_forever
+    REPORT = 3  # answer an allgather of peak memory
 
 
 class ContextFullError(ValueError):
@@ -41,12 +49,15 @@ class Engine:
     """One rank's part of the model. Build with `Engine.load`."""
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
-                 moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False) -> None:
+                 moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False,
+                 parallel: int = 1) -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.config, self.comm, self.file = cfg, comm, mf
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
         self.nthreads = nthreads
@@ -55,22 +66,18 @@ class Engine:
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
-        kv_shape = (cfg.num_hidden_layers, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
-        self.k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, Hkv, S, D]
-        self.v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
-        self.kv_bytes = self.k_cache.nbytes + self.v_cache.nbytes
-        self.layers = [Layer(cfg, self.shard, w, self.k_cache[i], self.v_cache[i])
-                       for i, w in enumerate(self.weights.layers)]
-        self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)
-        self._states: dict[int, RunState] = {}
-        self._header = np.zeros(4, np.int64)  # [command, T, position, all_logits]
-        self.tokens: list[int] = []  # the ids whose keys and values are in the cache
+        kv_shape = (cfg.num_hidden_layers, parallel, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
+        k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, P, Hkv, S, D]
+        v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
+        self.kv_bytes = k_cache.nbytes + v_cache.nbytes
+        self.model = Model(cfg, self.plan, self.shard, self.weights, k_cache, v_cache, nthreads, self.is_root)
+        self.phase_seconds = self.model.phase_seconds
+        self.slots: list[list[int]] = [[] for _ in range(parallel)]  # root: the ids whose keys and values are cached
+        self._header = np.zeros(4, np.int64)
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
         self.supervisor: Supervisor | None = None
         self._done_at = 0.0  # when the root last sent a command or ended a step (see _command)
-        # where this rank's forward time went (--verbose prints the root's); the collectives are inside
-        self.phase_seconds = dict.fromkeys(("embedding", "attention", "experts", "output"), 0.0)
 
     def _load_weights(self, mf: ModelFile, progress: bool, pack_cache: str | None, preload: bool) -> ModelWeights:
         """This rank's weights, mapped from the pack cache when it has them (read in whole first with
@@ -100,7 +107,8 @@ class Engine:
     @classmethod
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
-             progress: bool = False, pack_cache: str | None = None, preload: bool = False) -> Engine:
+             progress: bool = False, pack_cache: str | None = None, preload: bool = False,
+             parallel: int = 1) -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
@@ -117,7 +125,7 @@ class Engine:
             nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
             t0 = time.perf_counter()
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
-                         preload)
+                         preload, parallel)
         except Exception as e:
             if supervisor is not None:
                 if comm.rank != 0:
@@ -130,51 +138,77 @@ class Engine:
         engine.load_seconds = time.perf_counter() - t0
         return engine
 
-    def _command(self, command: int, T: int, position: int, all_logits: int) -> None:
+    def _command(self, command: Command, a: int = 0, b: int = 0, c: int = 0) -> None:
         """Send the workers a command. After a pause long enough for them to have gone to sleep between polls
         (comm.SPIN_S), wake them first, so that the first token after a pause does not wait for a poll."""
-        self._header[:] = (command, T, position, all_logits)
+        self._header[:] = (command, a, b, c)
         paused = time.perf_counter() - self._done_at > SPIN_S / 2
         wake = self.supervisor.wake if paused and self.supervisor is not None else None
         self.comm.send_command(self._header, wake)
         self._done_at = time.perf_counter()  # the workers are busy, or hot again
 
     @property
+    def parallel(self) -> int:
+        return len(self.slots)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids cached in slot 0 (the single-sequence API's slot)."""
+        return self.slots[0]
+
+    @property
     def position(self) -> int:
-        return len(self.tokens)
+        return len(self.slots[0])
 
     # ---- the root's API -------------------------------------------------------------------------
 
-    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Run `ids` at the end of the cached sequence; returns float32 logits [T, vocab] for every
-        position (all_logits) or [1, vocab] for the last."""
-        T = len(ids)
-        if T == 0:
-            raise ValueError("forward needs at least one token")
-        if self.position + T > self.max_seq_len:
-            raise ContextFullError(
-                f"{self.position + T} tokens do not fit the context of {self.max_seq_len} (--max-seq-len)")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        self._command(_FORWARD, T, self.position, int(all_logits))
-        logits = self._step(np.asarray(ids, np.int32), all_logits)
+    def step(self, batch: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False) -> list[np.ndarray]:
+        """Run each (slot, ids) of the batch at the end of its slot's cached sequence, all in one forward step;
+        returns per sequence float32 logits [len(ids), vocab] (all_logits) or [1, vocab] (its last token)."""
+        if not batch:
+            raise ValueError("a step needs at least one sequence")
+        seqs = np.zeros((len(batch), 3), np.int64)
+        for i, (slot, ids) in enumerate(batch):
+            if not 0 <= slot < self.parallel:
+                raise ValueError(f"slot {slot} is outside 0..{self.parallel - 1} (--parallel)")
+            if not ids:
+                raise ValueError("forward needs at least one token")
+            pos = len(self.slots[slot])
+            if pos + len(ids) > self.max_seq_len:
+                raise ContextFullError(
+                    f"{pos + len(ids)} tokens do not fit the context of {self.max_seq_len} (--max-seq-len)")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            seqs[i] = slot, pos, len(ids)
+        if len(set(seqs[:, 0].tolist())) < len(batch):
+            raise ValueError("a step takes each slot at most once")
+        ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in batch])
+        self._command(Command.FORWARD, len(ids), len(batch), int(all_logits))
+        logits = self._step(seqs, ids, all_logits)
         self._done_at = time.perf_counter()
+        for slot, ids in batch:
+            self.slots[slot].extend(int(t) for t in ids)
         assert logits is not None
-        return logits
+        return np.split(logits, np.cumsum(seqs[:-1, 2])) if all_logits else list(logits[:, None])
 
-    def truncate(self, length: int) -> None:
-        """Keep only the first `length` cached tokens (to reuse a shared prefix)."""
-        length = max(0, min(length, self.position))
-        self._command(_TRUNCATE, 0, length, 0)
-        del self.tokens[length:]
+    def forward(self, ids: Sequence[int], all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run `ids` at the end of the slot's cached sequence; returns float32 logits [T, vocab] for every
+        position (all_logits) or [1, vocab] for the last."""
+        return self.step([(slot, ids)], all_logits)[0]
+
+    def truncate(self, length: int, slot: int = 0) -> None:
+        """Keep only the first `length` cached tokens of a slot (to reuse a shared prefix). The root's bookkeeping
+        alone: every step tells the workers where its tokens go."""
+        del self.slots[slot][max(0, length):]
 
     def reset(self) -> None:
-        self.truncate(0)
+        for slot in range(self.parallel):
+            self.truncate(0, slot)
 
     def peak_rss_per_rank(self) -> list[float]:
         """Every rank's peak resident memory so far, in GB (a collective: workers answer too)."""
-        self._command(_REPORT, 0, 0, 0)
+        self._command(Command.REPORT)
         return self.comm.allgather_obj(_peak_rss_gb())
 
     def close(self) -> None:
@@ -182,7 +216,7 @@ class Engine:
         if self.is_root and self.comm.size > 1:
             if self.supervisor is not None:
                 self.supervisor.close()
-            self._command(_STOP, 0, 0, 0)
+            self._command(Command.STOP)
 
     # ---- workers --------------------------------------------------------------------------------
 
@@ -200,62 +234,26 @@ class Engine:
     def _follow(self) -> None:
         while True:
             self.comm.wait_command(self._header, self.supervisor.woken if self.supervisor else None)
-            command, T, position, all_logits = (int(v) for v in self._header)
-            if command == _STOP:
+            command, a, b, c = (int(v) for v in self._header)
+            if command == Command.STOP:
                 return
-            if command == _TRUNCATE:
-                del self.tokens[position:]
-            elif command == _REPORT:
+            if command == Command.REPORT:
                 self.comm.allgather_obj(_peak_rss_gb())
-            elif command == _FORWARD:
-                if position != self.position:
-                    raise RuntimeError(f"worker at position {self.position}, root at {position}")
-                self._step(np.zeros(T, np.int32), bool(all_logits))
+            elif command == Command.FORWARD:
+                self._step(np.zeros((b, 3), np.int64), np.zeros(a, np.int64), bool(c))
+            else:
+                raise RuntimeError(f"unknown command {command} from rank 0")
 
     # ---- one step, on every rank ----------------------------------------------------------------
 
-    def _state(self, T: int) -> RunState:
-        capacity = DECODE_CAPACITY if T <= DECODE_CAPACITY else max(T, max(self._states, default=0))
-        st = self._states.get(capacity)
-        if st is None:
-            if capacity > DECODE_CAPACITY:  # keep one prefill state: the largest seen
-                self._states = {c: s for c, s in self._states.items() if c <= DECODE_CAPACITY}
-            st = RunState(self.config, self.shard, capacity, self.max_seq_len, self.nthreads,
-                          widen_kv=capacity > 1 and self.k_cache.dtype == np.uint16)
-            self._states[capacity] = st
-        return st
-
-    def _step(self, ids: np.ndarray, all_logits: bool) -> np.ndarray | None:
-        T, pos = len(ids), self.position
+    def _step(self, seqs: np.ndarray, ids: np.ndarray, all_logits: bool) -> np.ndarray | None:
         # numba's thread count is per OS thread and the kernels' per-thread scratch is sized for ours: set it
         # on whichever thread runs this step (a web server's worker, a thread pool), not only the loading one
         numba.set_num_threads(self.nthreads)
-        self.comm.bcast(ids)
-        st = self._state(T)
-        w, phase, clock = self.weights, self.phase_seconds, time.perf_counter
-        t0 = clock()
-        st.x[:T] = quant.dequantize(w.embedding[ids], w.embedding_type, self.config.hidden_size)
-        phase["embedding"] += clock() - t0
-        for layer in self.layers:
-            t0 = clock()
-            layer.attention(st, T, pos, self.rope, self.comm)
-            t1 = clock()
-            layer.moe(st, T, self.comm)
-            phase["attention"] += t1 - t0
-            phase["experts"] += clock() - t1
-        self.tokens.extend(int(i) for i in ids)
-        t0 = clock()
-        rows = st.x[:T] if all_logits else st.x[T - 1:T]
-        h = st.h[:rows.shape[0]]
-        ops.rmsnorm(rows, w.output_norm, self.config.rms_norm_eps, h)
-        local = np.empty((h.shape[0], self.shard.vocab[1] - self.shard.vocab[0]), np.float32)
-        if w.output is not None:
-            w.output.matmul(h, local)
-        logits = np.empty((h.shape[0], self.config.vocab_size), np.float32) if self.is_root else local
-        self.comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
-        phase["output"] += clock() - t0
-        return logits if self.is_root else None
-
+        message = np.concatenate([seqs.ravel(), ids])  # one broadcast: the root's values, the workers' room
+        self.comm.bcast(message)
+        n = len(seqs)
+        return self.model.forward(Batch(message[:3 * n].reshape(n, 3), message[3 * n:], all_logits), self.comm)
 
 
 def _peak_rss_gb() -> float:

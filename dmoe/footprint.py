@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from dmoe.config import ModelConfig
 from dmoe.engine import KV_TYPES
 from dmoe.kernels import ExpertWeights, layout_runs, packed_format
-from dmoe.model import RunState
+from dmoe.model import DECODE_CAPACITY, RunState
 from dmoe.plan import RankShard, ShardPlan
 from dmoe.weights import sliced_type
 
@@ -67,29 +67,32 @@ def weight_bytes(cfg: ModelConfig, types: dict[str, QT], shard: RankShard, is_ro
 
 
 def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_len: int, kv_type: str = "f16",
-              prompt_len: int = 512, threads: int = 1) -> list[RankFootprint]:
-    """Every rank's footprint under `plan`, with a KV cache of max_seq_len tokens."""
+              prompt_len: int = 512, threads: int = 1, parallel: int = 1) -> list[RankFootprint]:
+    """Every rank's footprint under `plan`, with a KV cache of `parallel` slots of max_seq_len tokens."""
     out = []
     seq = min(max_seq_len, cfg.max_position_embeddings)
     for shard in plan.shards:
-        kv = 2 * cfg.num_hidden_layers * shard.n_kv_heads * seq * cfg.head_dim * np.dtype(KV_TYPES[kv_type]).itemsize
-        states = [RunState(cfg, shard, 1, seq, threads),  # zeros: sized here, never touched
-                  RunState(cfg, shard, max(1, prompt_len), seq, threads, widen_kv=kv_type == "f16")]
+        kv = (2 * cfg.num_hidden_layers * parallel * shard.n_kv_heads * seq * cfg.head_dim
+              * np.dtype(KV_TYPES[kv_type]).itemsize)
+        states = [RunState(cfg, shard, capacity, seq, threads, widen_kv=kv_type == "f16")  # sized, never touched
+                  for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))
         out.append(RankFootprint(shard.rank, weight_bytes(cfg, types, shard, shard.rank == 0), kv, buffers))
     return out
 
 
 def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], moe_split: str, max_seq_len: int,
-           kv_type: str, prompt_len: int, threads: int) -> str:
+           kv_type: str, prompt_len: int, threads: int, parallel: int = 1) -> str:
     """The `launch.py plan` table: per rank of each world size, GB of weights, KV cache, buffers and in all."""
     gb = 1e9
-    lines = [f"{what}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts; KV cache {kv_type} for "
+    slots = f"{parallel} slots of " if parallel > 1 else ""
+    lines = [f"{what}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts; KV cache {kv_type} for {slots}"
              f"{min(max_seq_len, cfg.max_position_embeddings)} tokens; buffers for a {prompt_len}-token prefill, "
              f"{threads} thread(s)",
              f"{'ranks':>5} {'rank':>4} {'weights GB':>10} {'KV GB':>7} {'buffers GB':>10} {'total GB':>8}"]
     for n in ranks:
-        rows = footprint(cfg, types, ShardPlan.make(cfg, n, moe_split), max_seq_len, kv_type, prompt_len, threads)
+        rows = footprint(cfg, types, ShardPlan.make(cfg, n, moe_split), max_seq_len, kv_type, prompt_len, threads,
+                         parallel)
         for r in rows:
             lines.append(f"{n:>5} {r.rank:>4} {r.weights / gb:>10.2f} {r.kv_cache / gb:>7.2f} {r.buffers / gb:>10.2f} "
                          f"{r.total / gb:>8.2f}")

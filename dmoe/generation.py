@@ -1,13 +1,13 @@
-"""The generation loop (root only): reuse the cached prefix, prefill the rest in one batch, then
-sample token by token until a stop token, a stop string, the step limit or the context's end.
-The CLI, chat and the server all drive the engine through this.
+"""Generation (root only): reuse the cached prefix, prefill the rest, then sample token by token until a
+stop token, a stop string, the step limit or the context's end. `Generation` is one sequence's state,
+stepped alone by `generate` (the CLI, chat, bench) or beside others by the server's scheduler.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     comm_seconds: float = 0.0  # root's time in collectives, prefill and decode
     finish_reason: str = ""  # "stop" (stop token or string), "length" (steps or context), "interrupted"
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was sampled
 
     @property
     def ttft_s(self) -> float:
@@ -52,55 +53,91 @@ class GenerationStats:
                 f"time to first token {self.ttft_s:.2f} s, communication {self.comm_ms_per_token:.2f} ms/token")
 
 
+class Generation:
+    """One sequence's generation, stepped by whoever drives the engine (`generate` alone, the server's
+    scheduler in a batch): `take` gives the ids its next step runs (the uncached prompt, whole or in chunks,
+    then each sampled token), `advance` samples from that step's logits. `stats` is filled in as it goes."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int, max_seq_len: int,
+                 cached: Sequence[int] = (), stop_ids: frozenset[int] = frozenset(),
+                 stats: GenerationStats | None = None) -> None:
+        """cached: the ids already in the sequence's KV cache slot; their common prefix with the prompt is
+        reused (`keep`: truncate the slot to it before the first step)."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {max_seq_len} "
+                             f"(--max-seq-len) including at least one generated token")
+        common = 0
+        for a, b in zip(cached, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        self.keep = min(common, len(prompt) - 1)  # at least one prompt token must run, for its logits
+        self.stats = stats if stats is not None else GenerationStats()
+        self.stats.prompt_tokens, self.stats.cached_tokens = len(prompt), self.keep
+        self.max_tokens, self.max_seq_len, self.stop_ids = max_tokens, max_seq_len, stop_ids
+        self.sampler = Sampler(params)
+        self.history = np.empty(len(prompt) + max_tokens, np.int64)  # prompt then output, for the repetition penalty
+        self.history[:len(prompt)] = prompt
+        self.n_prompt, self.n_generated = len(prompt), 0
+        self.pending = list(prompt[self.keep:])
+        self.done = False
+        self._started = self._first = time.perf_counter()
+
+    def take(self, limit: int | None = None) -> list[int]:
+        """The ids for the next step: up to `limit` of what is pending (a prefill chunk), all by default."""
+        ids = self.pending[:limit]
+        del self.pending[:len(ids)]
+        return ids
+
+    def advance(self, logits: np.ndarray) -> int | None:
+        """After a step that ran `take`'s ids: sample the next token from the logits [vocab] of the last, or
+        None while part of the prompt is still pending. Sets `done` (and stats.finish_reason) at the end."""
+        if self.pending:
+            return None
+        now = time.perf_counter()
+        self.stats.token_times.append(now)
+        n = self.n_prompt + self.n_generated
+        token = self.sampler(logits, self.history[:n])
+        self.history[n] = token
+        self.n_generated += 1
+        self.stats.generated_tokens = self.n_generated
+        if self.n_generated == 1:
+            self._first = now
+            self.stats.prefill_seconds = now - self._started
+        self.stats.decode_seconds = now - self._first
+        if token in self.stop_ids:
+            self.stats.finish_reason, self.done = "stop", True
+        elif self.n_generated >= self.max_tokens or n + 1 > self.max_seq_len:
+            self.stats.finish_reason, self.done = "length", True
+        else:
+            self.pending = [token]
+        return token
+
+
 def generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
              stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None,
              interrupted: Callable[[], bool] = lambda: False) -> Iterator[int]:
-    """Yield generated ids (a stop id is yielded too, and ends the generation). `stats` is filled in."""
-    stats = stats if stats is not None else GenerationStats()
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if len(prompt) >= engine.max_seq_len:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {engine.max_seq_len} "
-                         f"(--max-seq-len) including at least one generated token")
-    common = 0
-    for a, b in zip(engine.tokens, prompt, strict=False):
-        if a != b:
-            break
-        common += 1
-    keep = min(common, len(prompt) - 1)  # at least one prompt token must run, for its logits
-    engine.truncate(keep)
-    stats.prompt_tokens, stats.cached_tokens = len(prompt), keep
-    sampler = Sampler(params)
-    history = np.empty(len(prompt) + max_tokens, np.int64)  # prompt then output, for the repetition penalty
-    history[:len(prompt)] = prompt
+    """Yield generated ids, one sequence alone in the engine's slot 0 (a stop id is yielded too, and ends the
+    generation). `stats` is filled in."""
+    gen = Generation(prompt, params, max_tokens, engine.max_seq_len, engine.tokens, stop_ids, stats)
+    engine.truncate(gen.keep)
     comm0 = engine.comm.seconds
-    t0 = time.perf_counter()
-    logits = engine.forward(prompt[keep:])
-    stats.prefill_seconds = time.perf_counter() - t0
-    t_decode = time.perf_counter()
-    generated: list[int] = []
     try:
         while True:
-            token = sampler(logits[-1], history[:len(prompt) + len(generated)])
-            history[len(prompt) + len(generated)] = token
-            generated.append(token)
-            stats.generated_tokens = len(generated)
+            token = gen.advance(engine.forward(gen.take())[-1])
+            assert token is not None
             yield token
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                return
-            if len(generated) >= max_tokens or engine.position + 1 > engine.max_seq_len:
-                stats.finish_reason = "length"
+            if gen.done:
                 return
             if interrupted():
-                stats.finish_reason = "interrupted"
+                gen.stats.finish_reason = "interrupted"
                 return
-            logits = engine.forward([token])
     finally:
-        stats.decode_seconds = time.perf_counter() - t_decode
-        stats.comm_seconds = engine.comm.seconds - comm0
-        if not stats.finish_reason:
-            stats.finish_reason = "stop"  # the caller stopped reading (e.g. a stop string)
+        gen.stats.comm_seconds = engine.comm.seconds - comm0
+        if not gen.stats.finish_reason:
+            gen.stats.finish_reason = "stop"  # the caller stopped reading (e.g. a stop string)
 
 
 class TextStream:

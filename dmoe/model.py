@@ -1,24 +1,55 @@
-"""The Qwen3-MoE layer over one rank's shard: attention block and MoE block, with every sync point
-a visible `comm` call. The math, per layer (x is identical on every rank):
+"""The forward pass of one rank's shard of Qwen3-MoE over a batch of sequences: token embedding, the
+layers (attention block, MoE block), final norm, output matrix and the gather of the logits, with every
+sync point a visible `comm` call. The math, per layer (x is identical on every rank):
 
     h = rmsnorm(x);  q, k, v = h @ Wqkv[my heads];  q, k = rope(norm(q)), rope(norm(k))
     o_partial = attention(q, cache) @ Wo[:, my heads];  allreduce(o_partial);  x += o
     h = rmsnorm(x);  root: ids, w = topk(softmax(h @ Wrouter));  bcast(ids, w)
     y_partial = sum over my experts e in ids: w_e * down_e(silu(gate_e h) * up_e h);  allreduce(y);  x += y
 
-Shapes: T tokens, d hidden, H/Hkv this rank's query/KV heads, D head_dim, S max sequence, E experts, k top-k.
+A step's T tokens are the concatenated tokens of its sequences, each at its own KV cache slot and
+positions: every matrix product, the MoE's grouping by expert and every collective take all T at once,
+so B sequences decoding together read the weights once.
+
+Shapes: T tokens, d hidden, H/Hkv this rank's query/KV heads, D head_dim, S max sequence, P sequence slots,
+E experts, k top-k.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from dmoe import attention, ops
+from dmoe import attention, ops, quant
 from dmoe.comm import LocalComm, MPIComm
 from dmoe.config import ModelConfig
 from dmoe.kernels import moe_forward
-from dmoe.plan import RankShard
-from dmoe.weights import LayerWeights
+from dmoe.plan import RankShard, ShardPlan
+from dmoe.weights import LayerWeights, ModelWeights
+
+DECODE_CAPACITY = 8  # steps of up to this many tokens (a batch of decoding sequences) share one RunState
+
+
+class Batch:
+    """The sequences of one step: seqs int64 [n, 3] (cache slot, position of the first token, token count),
+    ids [T] their tokens concatenated; logits for every token (all_logits) or each sequence's last."""
+
+    def __init__(self, seqs: np.ndarray, ids: np.ndarray, all_logits: bool) -> None:
+        self.seqs, self.ids, self.all_logits = seqs, ids.astype(np.int32), all_logits
+        counts = seqs[:, 2]
+        self.slots = np.repeat(seqs[:, 0], counts)  # [T] each token's slot
+        self.positions = np.concatenate([np.arange(p, p + c) for _, p, c in seqs]) if len(seqs) else counts
+        self.ends = np.cumsum(counts) - 1  # [n] each sequence's last token
+        self.T = int(counts.sum())
+
+    @property
+    def one_prefill(self) -> tuple[int, int] | None:
+        """(slot, first position) when the step is one sequence's several tokens (a prefill), else None."""
+        return (int(self.seqs[0, 0]), int(self.seqs[0, 1])) if len(self.seqs) == 1 and self.T > 1 else None
+
+    def logit_rows(self) -> np.ndarray:
+        return np.arange(self.T) if self.all_logits else self.ends
 
 
 class RunState:
@@ -53,6 +84,7 @@ class RunState:
         self.bits = np.zeros((threads, D), np.uint32)  # a widened f16 cache row per thread
         # An f16 cache widened once per layer for a prefill (T > 1), which reads every row T times
         self.kv_f32 = np.zeros(2 * Hkv * max_seq * D if widen_kv else 0, np.float32)
+        self.zeros = np.zeros(capacity, np.int64)  # the slot of every token of a widened (one-slot) cache
 
 
 class Layer:
@@ -65,9 +97,9 @@ class Layer:
         self.expert_offset = shard.experts[0]
         self.n_local_experts = shard.experts[1] - shard.experts[0]
 
-    def attention(self, st: RunState, T: int, pos: int, rope: tuple[np.ndarray, np.ndarray],
+    def attention(self, st: RunState, batch: Batch, rope: tuple[np.ndarray, np.ndarray],
                   comm: LocalComm | MPIComm) -> None:
-        cfg, w = self.cfg, self.w
+        cfg, w, T = self.cfg, self.w, batch.T
         x, h, o = st.x[:T], st.h[:T], st.o[:T]
         ops.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, h)
         if w.qkv is not None:
@@ -76,13 +108,16 @@ class Layer:
             w.qkv.matmul(h, qkv)
             q[:], k[:], v = qkv[:, :H * D], qkv[:, H * D:(H + Hkv) * D], qkv[:, (H + Hkv) * D:]
             cos, sin = rope
-            ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, pos)
-            ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, pos)
-            attention.store_kv(k, v, self.k_cache, self.v_cache, pos)
-            k_cache, v_cache = self.k_cache, self.v_cache
-            if T > 1 and k_cache.dtype == np.uint16:
-                k_cache, v_cache = attention.widen(k_cache, v_cache, pos + T, st.kv_f32)
-            attention.attend(q, st.heads, k_cache, v_cache, pos, st.scores, st.bits, st.attn[:T])
+            ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
+            ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
+            attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slots, batch.positions)
+            k_cache, v_cache, slots = self.k_cache, self.v_cache, batch.slots
+            prefill = batch.one_prefill
+            if prefill is not None and k_cache.dtype == np.uint16:
+                slot, pos = prefill
+                k_cache, v_cache = attention.widen(k_cache, v_cache, slot, pos + T, st.kv_f32)
+                slots = st.zeros[:T]
+            attention.attend(q, st.heads, k_cache, v_cache, slots, batch.positions, st.scores, st.bits, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
@@ -90,6 +125,7 @@ class Layer:
         x += o
 
     def moe(self, st: RunState, T: int, comm: LocalComm | MPIComm) -> None:
+        """The MoE block of the step's T tokens (whatever their sequences)."""
         cfg, w = self.cfg, self.w
         x, h, y = st.x[:T], st.h[:T], st.y[:T]
         k = cfg.num_experts_per_tok
@@ -110,3 +146,58 @@ class Layer:
             y[:] = 0.0
         comm.allreduce_sum(y)
         x += y
+
+
+class Model:
+    """The forward pass over this rank's shard: its layers, their part of the KV cache [L, P, Hkv, S, D], and
+    the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
+
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, shard: RankShard, weights: ModelWeights,
+                 k_cache: np.ndarray, v_cache: np.ndarray, nthreads: int, is_root: bool) -> None:
+        self.cfg, self.plan, self.shard, self.weights, self.is_root = cfg, plan, shard, weights, is_root
+        self.k_cache, self.v_cache, self.nthreads = k_cache, v_cache, nthreads
+        self.max_seq_len = k_cache.shape[3]
+        self.layers = [Layer(cfg, shard, w, k_cache[i], v_cache[i]) for i, w in enumerate(weights.layers)]
+        self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)
+        self._states: dict[int, RunState] = {}
+        # where this rank's forward time went (--verbose prints the root's); the collectives are inside
+        self.phase_seconds = dict.fromkeys(("embedding", "attention", "experts", "output"), 0.0)
+
+    def _state(self, T: int) -> RunState:
+        capacity = DECODE_CAPACITY if T <= DECODE_CAPACITY else max(T, max(self._states, default=0))
+        st = self._states.get(capacity)
+        if st is None:
+            if capacity > DECODE_CAPACITY:  # keep one prefill state: the largest seen
+                self._states = {c: s for c, s in self._states.items() if c <= DECODE_CAPACITY}
+            st = RunState(self.cfg, self.shard, capacity, self.max_seq_len, self.nthreads,
+                          widen_kv=self.k_cache.dtype == np.uint16)
+            self._states[capacity] = st
+        return st
+
+    def forward(self, batch: Batch, comm: LocalComm | MPIComm) -> np.ndarray | None:
+        """Run the step on this rank (every rank at once); the root gets the logits [rows, vocab] of
+        batch.logit_rows(), the others None."""
+        T, cfg, w = batch.T, self.cfg, self.weights
+        st = self._state(T)
+        phase, clock = self.phase_seconds, time.perf_counter
+        t0 = clock()
+        st.x[:T] = quant.dequantize(w.embedding[batch.ids], w.embedding_type, cfg.hidden_size)
+        phase["embedding"] += clock() - t0
+        for layer in self.layers:
+            t0 = clock()
+            layer.attention(st, batch, self.rope, comm)
+            t1 = clock()
+            layer.moe(st, T, comm)
+            phase["attention"] += t1 - t0
+            phase["experts"] += clock() - t1
+        t0 = clock()
+        rows = st.x[batch.logit_rows()]
+        h = st.h[:rows.shape[0]]
+        ops.rmsnorm(rows, w.output_norm, cfg.rms_norm_eps, h)
+        local = np.empty((h.shape[0], self.shard.vocab[1] - self.shard.vocab[0]), np.float32)
+        if w.output is not None:
+            w.output.matmul(h, local)
+        logits = np.empty((h.shape[0], cfg.vocab_size), np.float32) if self.is_root else local
+        comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
+        phase["output"] += clock() - t0
+        return logits if self.is_root else None

@@ -30,14 +30,14 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
 
 @numba.njit(cache=True)
 def qk_norm_rope(x: np.ndarray, n_heads: int, w: np.ndarray, eps: float, cos: np.ndarray, sin: np.ndarray,
-                 pos: int) -> None:
-    """In place on x [T, n_heads * D]: per-head RMSNorm with w [D], then NeoX RoPE (rotate halves)
-    at positions pos..pos+T-1. cos, sin [S, D/2]."""
+                 positions: np.ndarray) -> None:
+    """In place on x [T, n_heads * D]: per-head RMSNorm with w [D], then NeoX RoPE (rotate halves), token t
+    at position positions[t]. cos, sin [S, D/2]."""
     D = w.shape[0]
     half = D // 2
     for t in range(x.shape[0]):
-        c = cos[pos + t]
-        s = sin[pos + t]
+        c = cos[positions[t]]
+        s = sin[positions[t]]
         for h in range(n_heads):
             base = h * D
             ss = 0.0

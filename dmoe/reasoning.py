@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats, TextStream, generate, partial_suffix
 from dmoe.sampling import SamplingParams
+from dmoe.tokenizer import Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -83,30 +84,49 @@ def split_reasoning(text: str, thinking: bool = False) -> tuple[str, str]:
     return "".join(p[0] for p in parts), "".join(p[1] for p in parts)
 
 
+class ReplyText:
+    """A generation's ids in, (reasoning, answer) text increments out: stop strings cut the text (not shown;
+    `stopped` turns true), and `thinking` is where the split starts (see opens_thinking); None means no
+    split: everything is answer (plain completions)."""
+
+    def __init__(self, tok: Tokenizer, stop: Sequence[str] = (), thinking: bool | None = None) -> None:
+        self._stream = TextStream(tok, stop)
+        self._splitter = ReasoningSplitter(thinking) if thinking is not None else None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stream.stopped
+
+    def _split(self, text: str) -> tuple[str, str]:
+        return self._splitter.feed(text) if self._splitter is not None else ("", text)
+
+    def feed(self, token: int) -> tuple[str, str] | None:
+        text = self._stream.feed(token)
+        return self._split(text) if text else None
+
+    def finish(self) -> tuple[str, str] | None:
+        tail = self._split(self._stream.finish())
+        if self._splitter is not None:
+            last = self._splitter.finish()
+            tail = (tail[0] + last[0], tail[1] + last[1])
+        return tail if tail != ("", "") else None
+
+
 def reply_deltas(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
                  stats: GenerationStats, stop: Sequence[str] = (), thinking: bool | None = None,
                  interrupted: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, str]]:
-    """One generation as (reasoning, answer) text increments: it ends at an end-of-turn token, a stop string
-    (not shown), max_tokens or the context's end. `thinking` is where the split starts (see opens_thinking);
-    None means no split: everything is answer (plain completions)."""
+    """One generation alone as (reasoning, answer) text increments (see ReplyText): it ends at an end-of-turn
+    token, a stop string, max_tokens or the context's end."""
     tok = engine.tokenizer
     assert tok is not None, "text generation needs the model's tokenizer"
-    stream = TextStream(tok, stop)
-    splitter = ReasoningSplitter(thinking) if thinking is not None else None
-
-    def split(text: str) -> tuple[str, str]:
-        return splitter.feed(text) if splitter is not None else ("", text)
-
+    text = ReplyText(tok, stop, thinking)
     with contextlib.closing(generate(engine, prompt, params, max_tokens, tok.eos_ids, stats, interrupted)) as ids:
         for token in ids:
-            text = stream.feed(token)
-            if text:
-                yield split(text)
-            if stream.stopped:
+            delta = text.feed(token)
+            if delta:
+                yield delta
+            if text.stopped:
                 break
-    tail = split(stream.finish())
-    if splitter is not None:
-        last = splitter.finish()
-        tail = (tail[0] + last[0], tail[1] + last[1])
-    if tail != ("", ""):
+    tail = text.finish()
+    if tail:
         yield tail

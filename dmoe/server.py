@@ -2,17 +2,17 @@
 and vLLM's /tokenize and /detokenize.
 
 The standard library's threading HTTP server parses and validates each request on its own thread, then
-queues a Job; the one engine thread (the caller of `serve`, so that signals reach it) runs the jobs in
-order, because the engine, and every worker rank that mirrors it, runs one sequence at a time.
-Requests share the KV cache through generation's prefix reuse: a conversation's next turn only
-prefills what is new. A client that goes away (a write fails, or its socket reads EOF while it waits)
-has its job cancelled after the current token, so the engine passes to the next one.
+queues a Job; the one engine thread (the caller of `serve`, so that signals reach it) runs the jobs
+through the scheduler (scheduler.py), up to --parallel at once in shared forward steps. Requests share
+the KV cache through prefix reuse: a conversation's next turn only prefills what is new. A client that
+goes away (a write fails, or its socket reads EOF while it waits) has its job cancelled at the next step,
+which frees its slot.
 
 Honoured: temperature, top_p, top_k (-1 or 0 = off), min_p, repetition_penalty (HF's), seed,
 max_tokens / max_completion_tokens (default: --steps, within the context), stop, stream,
-stream_options.include_usage, enable_thinking (in chat_template_kwargs or at the top level). Values
-this engine cannot honour (n > 1, logprobs, frequency/presence penalties, logit_bias, tools, echo...)
-are refused with a 400 rather than ignored; fields it does not know are ignored.
+stream_options.include_usage, enable_thinking (in chat_template_kwargs or at the top level), and vLLM's
+ignore_eos. Values this engine cannot honour (n > 1, logprobs, frequency/presence penalties, logit_bias,
+tools, echo...) are refused with a 400 rather than ignored; fields it does not know are ignored.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,8 +40,9 @@ from typing import Any
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats
 from dmoe.metrics import ServerMetrics
-from dmoe.reasoning import opens_thinking, reply_deltas
+from dmoe.reasoning import opens_thinking
 from dmoe.sampling import SamplingParams
+from dmoe.scheduler import Delta, Failed, Finish, Job, Scheduler
 from dmoe.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 32 << 20
@@ -74,32 +74,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Delta:
-    reasoning: str
-    content: str
-
-
-@dataclass
-class Finish:
-    reason: str  # "stop" or "length"
-    usage: dict[str, Any]
-
-
-@dataclass
-class Job:
-    """One validated request, waiting for (then fed by) the engine thread."""
-
-    chat: bool  # chat.completion (with a reasoning split) or text_completion
-    prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop: list[str]
-    thinking: bool | None  # where the reasoning split starts; None = no split (completions)
-    events: queue.Queue[Delta | Finish | APIError] = field(default_factory=queue.Queue)
-    cancelled: bool = False  # the client went away
 
 
 def _lone_surrogate(body: Any) -> str | None:
@@ -265,7 +239,7 @@ class API:
             raise APIError(400, f"this model's context holds {limit} tokens; the prompt has {len(ids)} and "
                            f"{name} asks for {max_tokens} more", name, "context_length_exceeded")
         return Job(chat, ids, _sampling(body, self.defaults), max_tokens or min(self.default_max_tokens, room),
-                   _stop_strings(body), thinking)
+                   _stop_strings(body), thinking, bool(_get(body, "ignore_eos", "boolean", False)))
 
     def submit(self, job: Job) -> None:
         with self._submit_lock:
@@ -275,41 +249,9 @@ class API:
 
     # ---- the engine thread --------------------------------------------------------------------
 
-    def run(self, job: Job) -> None:
-        """Generate for one job, sending its text to the handler as it comes."""
-        stats = GenerationStats()
-
-        def count(end: str) -> None:
-            self.metrics.generation(end, stats.prompt_tokens, stats.generated_tokens)
-
-        if job.cancelled:  # its client left while it waited
-            count("cancelled")
-            return
-
-        try:
-            for reasoning, content in reply_deltas(self.engine, job.prompt, job.params, job.max_tokens, stats,
-                                                   job.stop, job.thinking,
-                                                   lambda: job.cancelled or self.stopping.is_set()):
-                job.events.put(Delta(reasoning, content))
-            cancelled = job.cancelled  # read before Finish: then the handler marks every job it is done with
-        except ValueError as e:  # raised before the step's collectives (or after them): every rank is in step
-            count("error")
-            job.events.put(APIError(400, str(e)))
-            return
-        except BaseException:
-            count("error")
-            job.events.put(APIError(500, "the engine failed", kind="server_error"))
-            raise
-        interrupted = stats.finish_reason == "interrupted"
-        end = "cancelled" if cancelled else "shutdown" if interrupted else stats.finish_reason
-        count(end)
-        if interrupted:  # the client left (nobody reads this) or the server is stopping
-            job.events.put(APIError(503, "the server is shutting down", kind="server_error"))
-        else:
-            job.events.put(Finish(stats.finish_reason, {
-                "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-                "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-                "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}))
+    def ended(self, job: Job, end: str, stats: GenerationStats) -> None:
+        """The scheduler's word that a job ended ("stop", "length", "cancelled", "shutdown", "error")."""
+        self.metrics.generation(end, stats.prompt_tokens, stats.generated_tokens)
         self._served += 1
         if self.verbose:
             print(f"dmoe: request {self._served} ({'chat' if job.chat else 'completion'}): {end}; {stats.summary()}",
@@ -319,7 +261,7 @@ class API:
         """Refuse what is still queued once the server stops."""
         with self._submit_lock:
             while not self.jobs.empty():
-                self.jobs.get().events.put(APIError(503, "the server is shutting down", kind="server_error"))
+                self.jobs.get().events.put(Failed(503, "the server is shutting down"))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -479,8 +421,9 @@ class _Handler(BaseHTTPRequestHandler):
                     job.cancelled = True
                     raise BrokenPipeError("the client closed the connection") from None
                 continue
-            if isinstance(event, APIError):
-                raise event
+            if isinstance(event, Failed):
+                kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                raise APIError(event.status, event.message, kind=kind)
             yield event
             if isinstance(event, Finish):
                 return
@@ -636,11 +579,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     host, port = httpd.server_address[:2]
     print(f"dmoe: serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        while not api.stopping.is_set():
-            try:
-                api.run(api.jobs.get(timeout=WAIT_POLL_S))
-            except queue.Empty:
-                continue
+        Scheduler(engine, api.ended).run(api.jobs, api.stopping)
     finally:
         api.stopping.set()
         api.drain()

@@ -46,10 +46,10 @@ def test_plan_matches_what_ranks_pack(n: int, moe_split: str, mix_file) -> None:
 
 
 def test_kv_cache_as_the_engine_allocates(mix_file) -> None:
-    engine = Engine.load(mix_file("q4_k_m"), max_seq_len=48, nthreads=1, kv_type="f32")
+    engine = Engine.load(mix_file("q4_k_m"), max_seq_len=48, nthreads=1, kv_type="f32", parallel=3)
     cfg = engine.config
     types = {name: t.qtype for name, t in engine.file.tensors.items()}
-    assert footprint(cfg, types, engine.plan, 48, "f32")[0].kv_cache == engine.kv_bytes
+    assert footprint(cfg, types, engine.plan, 48, "f32", parallel=3)[0].kv_cache == engine.kv_bytes
 
 
 def test_launch_plan_for_a_config() -> None:

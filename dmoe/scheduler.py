@@ -1,0 +1,190 @@
+"""Continuous batching: the server's requests share the engine's forward steps.
+
+Each step runs every decoding sequence's next token and, in the room left under the step's token budget,
+chunks of the prompts still being read (chunked prefill: a long prompt does not stall the others). Requests
+join between steps as slots free up and leave as they finish; a cancelled one leaves at the next step. A
+request's tokens do not depend on what runs beside it: each has its own sampler, and the engine gives each
+sequence of a step the logits it would get alone.
+
+A new request takes the free slot whose cached tokens share the longest prefix with its prompt (that prefix
+is not computed again; usage.prompt_tokens_details.cached_tokens counts it), else the one used longest ago.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmoe.engine import Engine
+from dmoe.generation import Generation, GenerationStats
+from dmoe.reasoning import ReplyText
+from dmoe.sampling import SamplingParams
+
+STEP_TOKENS = 256  # tokens per step at most, decodes first: bounds how long a prompt's chunk delays the others
+IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
+
+
+@dataclass
+class Delta:
+    reasoning: str
+    content: str
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" or "length"
+    usage: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    """The request ends without an answer: status 400 (its input), 500 (the engine failed), 503 (shutdown)."""
+
+    status: int
+    message: str
+
+
+@dataclass
+class Job:
+    """One validated request, waiting for (then fed by) the scheduler."""
+
+    chat: bool  # chat.completion (with a reasoning split) or text_completion
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    thinking: bool | None  # where the reasoning split starts; None = no split (completions)
+    ignore_eos: bool = False  # generate through end-of-turn tokens (vLLM's extension; benchmarks)
+    submitted: float = field(default_factory=time.perf_counter)
+    events: queue.Queue[Delta | Finish | Failed] = field(default_factory=queue.Queue)
+    cancelled: bool = False  # the client went away
+
+
+@dataclass
+class _Running:
+    job: Job
+    slot: int
+    gen: Generation
+    text: ReplyText
+
+
+class Scheduler:
+    """Runs jobs from a queue on the engine (from one thread: the engine's), up to engine.parallel at once.
+    ended(job, end, stats) is told how each job ended: "stop", "length", "cancelled", "shutdown", "error"."""
+
+    def __init__(self, engine: Engine, ended: Callable[[Job, str, GenerationStats], None],
+                 step_tokens: int = STEP_TOKENS) -> None:
+        assert engine.tokenizer is not None
+        self.engine, self.ended, self.step_tokens = engine, ended, step_tokens
+        self.running: list[_Running] = []
+        self._last_used = [0.0] * engine.parallel
+
+    def run(self, jobs: queue.Queue[Job], stopping: threading.Event) -> None:
+        """Until `stopping` is set; then every running job gets a 503."""
+        try:
+            while not stopping.is_set():
+                self._admit(jobs)
+                self._drop_cancelled()
+                if self.running:
+                    self._step()
+        except BaseException:
+            self._end_all("error", Failed(500, "the engine failed"))
+            raise
+        self._end_all("shutdown", Failed(503, "the server is shutting down"))
+
+    def _admit(self, jobs: queue.Queue[Job]) -> None:
+        """Take queued jobs into free slots (waiting for one while nothing runs)."""
+        while len(self.running) < self.engine.parallel:
+            try:
+                job = jobs.get(timeout=IDLE_POLL_S) if not self.running else jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled:  # its client left while it waited
+                self.ended(job, "cancelled", GenerationStats())
+                continue
+            slot = self._choose_slot(job.prompt)
+            engine = self.engine
+            try:
+                gen = Generation(job.prompt, job.params, job.max_tokens, engine.max_seq_len, engine.slots[slot],
+                                 frozenset() if job.ignore_eos else engine.tokenizer.eos_ids)
+            except ValueError as e:
+                job.events.put(Failed(400, str(e)))
+                self.ended(job, "error", GenerationStats())
+                continue
+            engine.truncate(gen.keep, slot)
+            self.running.append(_Running(job, slot, gen, ReplyText(engine.tokenizer, job.stop, job.thinking)))
+            self._last_used[slot] = time.monotonic()
+
+    def _choose_slot(self, prompt: list[int]) -> int:
+        busy = {r.slot for r in self.running}
+
+        def shared(slot: int) -> int:
+            n = 0
+            for a, b in zip(self.engine.slots[slot], prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        free = [s for s in range(self.engine.parallel) if s not in busy]
+        return max(free, key=lambda s: (shared(s), -self._last_used[s]))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self.running if r.job.cancelled]:
+            self.running.remove(r)
+            self.ended(r.job, "cancelled", r.gen.stats)
+
+    def _step(self) -> None:
+        """One forward step of every decoding sequence and as much pending prompt as the budget leaves."""
+        batch, members = [], []
+        budget = self.step_tokens
+        for r in sorted(self.running, key=lambda r: len(r.gen.pending) > 1):  # decodes first, then prompts in order
+            if budget <= 0:
+                break
+            ids = r.gen.take(budget)
+            batch.append((r.slot, ids))
+            members.append(r)
+            budget -= len(ids)
+        try:
+            logits = self.engine.step(batch)
+        except ValueError as e:  # refused before any collective: the batch's jobs end, the others go on
+            for r in members:
+                self.running.remove(r)
+                r.job.events.put(Failed(400, str(e)))
+                self.ended(r.job, "error", r.gen.stats)
+            return
+        now = time.monotonic()
+        for r, lg in zip(members, logits, strict=True):
+            self._last_used[r.slot] = now
+            token = r.gen.advance(lg[-1])
+            if token is None:
+                continue
+            delta = r.text.feed(token)
+            if delta:
+                r.job.events.put(Delta(*delta))
+            if r.gen.done or r.text.stopped:
+                self._finish(r)
+
+    def _finish(self, r: _Running) -> None:
+        self.running.remove(r)
+        stats = r.gen.stats
+        if r.text.stopped:
+            stats.finish_reason = "stop"
+        tail = r.text.finish()
+        if tail:
+            r.job.events.put(Delta(*tail))
+        r.job.events.put(Finish(stats.finish_reason, {
+            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}))
+        self.ended(r.job, stats.finish_reason, stats)
+
+    def _end_all(self, end: str, event: Failed) -> None:
+        for r in self.running:
+            r.job.events.put(event)
+            self.ended(r.job, end, r.gen.stats)
+        self.running.clear()
