@@ -387,6 +387,8 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         result[f"decode_at{depth}_tok_s"] = stats.decode_tok_s
         if not args.json:
             print(f"dmoe: after {depth} tokens of context: {stats.summary()}")
+    if args.clients:  # untimed: the scheduler's first run (text decoding, batched steps) warms up
+        run_streams(engine, max(args.clients), 8, 2, rng)
     for clients in args.clients:
         served = run_streams(engine, clients, args.prompt_len[0], args.steps, rng)
         result[f"serve{clients}"] = served
