@@ -393,9 +393,9 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         served = run_streams(engine, clients, args.prompt_len[0], args.steps, rng)
         result[f"serve{clients}"] = served
         if not args.json:
-            print(f"dmoe: {clients} concurrent streams: {served['aggregate_tok_s']:.1f} tok/s in all, time to first "
-                  f"token {served['ttft_p50_ms']:.0f} ms (median), between tokens {served['itl_p50_ms']:.1f} ms "
-                  f"(p50) {served['itl_p99_ms']:.1f} ms (p99)")
+            print(f"dmoe: {clients} concurrent streams: {served['aggregate_tok_s']:.1f} tok/s in all (decode "
+                  f"{served['decode_tok_s']:.1f}), time to first token {served['ttft_p50_ms']:.0f} ms (median), "
+                  f"between tokens {served['itl_p50_ms']:.1f} ms (p50) {served['itl_p99_ms']:.1f} ms (p99)")
     result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
     if args.json:
         print(json.dumps(result))

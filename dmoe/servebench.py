@@ -1,7 +1,8 @@
 """The serving benchmark of `launch.py bench --clients N`: N concurrent streams of random prompts through
 the scheduler (the server's batching, without HTTP), all submitted at once; aggregate tok/s (every stream's
-generated tokens over the wall time from submission to the last token) and per-stream latency: time to
-first token from submission, and the gaps between a stream's tokens (p50, p99)."""
+generated tokens over the wall time from submission to the last token, prompts included), aggregate decode
+tok/s (the sum of the streams' rates after their first token: they decode side by side) and per-stream
+latency: time to first token from submission, and the gaps between a stream's tokens (p50, p99)."""
 
 from __future__ import annotations
 
@@ -46,5 +47,6 @@ def run_streams(engine: Engine, clients: int, prompt_len: int, steps: int, rng: 
     generated = sum(stats.generated_tokens for _, stats in done)
     first = [stats.token_times[0] - job.submitted for job, stats in done]
     gaps = [b - a for _, stats in done for a, b in zip(stats.token_times, stats.token_times[1:], strict=False)]
-    return {"clients": clients, "aggregate_tok_s": generated / wall, "generated_tokens": generated,
-            **latency_figures(first, gaps)}
+    decode = sum((len(t) - 1) / (t[-1] - t[0]) for t in (stats.token_times for _, stats in done) if len(t) > 1)
+    return {"clients": clients, "aggregate_tok_s": generated / wall, "decode_tok_s": decode,
+            "generated_tokens": generated, **latency_figures(first, gaps)}

@@ -112,6 +112,24 @@ def test_ctrl_c_stops_cleanly(long_model) -> None:
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
+def test_bench_serves_concurrent_streams(ranks: int, text_model, model_file) -> None:
+    """launch.py bench --clients: every stream gets all its tokens; a model without a tokenizer is refused."""
+    cmd = ["mpirun", "-n", str(ranks), sys.executable, "launch.py"] if ranks > 1 else [sys.executable, "launch.py"]
+    r = subprocess.run([*cmd, "bench", "--model", text_model(), "--prompt-len", "12", "--steps", "6", "--clients",
+                        "1,3", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for clients in (1, 3):
+        served = out[f"serve{clients}"]
+        assert served["clients"] == clients and served["generated_tokens"] == clients * 6
+        assert served["aggregate_tok_s"] > 0 and served["decode_tok_s"] > 0 and served["ttft_p50_ms"] > 0
+        assert 0 < served["itl_p50_ms"] <= served["itl_p99_ms"]
+    r = subprocess.run([sys.executable, "launch.py", "bench", "--model", model_file("a", "q40"), "--clients", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode != 0 and "has no tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_bench_reports_every_figure(ranks: int, model_file) -> None:
     """launch.py bench as bench_peer.py reads it, run twice so that the second run maps (and preloads) the pack
     cache the first wrote. Per token the root sends, per layer, two all-reduces of the hidden state and the
