@@ -14,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -28,14 +29,27 @@ sys.path.insert(0, ROOT)
 
 from dmoe.servebench import latency_figures  # noqa: E402
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Chapter {i}:"
+WORDS = """time year people way day man thing woman life child world school state family student group country
+problem hand part place case week company system program question work government number night point home water
+room mother area money story fact month lot right study book eye job word business issue side kind head house
+service friend father power hour game line end member law car city community name president team minute idea kid
+body information back parent face others level office door health person art war history party result change
+morning reason research girl guy moment air teacher force education"""
+
+
+def prompt(i: int) -> str:
+    """Client i's prompt: 48 words drawn with seed i (distinct prompts route to distinct experts, as real
+    users' do; one prompt for all would let the batch share its experts)."""
+    rng = random.Random(i)
+    words = WORDS.split()
+    return "Tell a story with these words: " + " ".join(rng.choice(words) for _ in range(48))
 
 
 def stream(url: str, i: int, tokens: int, out: dict[str, Any]) -> None:
     """One streaming completion: the request's start, each chunk's arrival, the usage's token count."""
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-    body = {"prompt": PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0, "stream": True,
+    body = {"prompt": prompt(i), "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     out["start"] = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})

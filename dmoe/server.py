@@ -251,7 +251,10 @@ class API:
 
     def ended(self, job: Job, end: str, stats: GenerationStats) -> None:
         """The scheduler's word that a job ended ("stop", "length", "cancelled", "shutdown", "error")."""
-        self.metrics.generation(end, stats.prompt_tokens, stats.generated_tokens)
+        times = stats.token_times
+        self.metrics.generation(end, stats.prompt_tokens, stats.generated_tokens, stats.cached_tokens,
+                                times[0] - job.submitted if times else None,
+                                [b - a for a, b in zip(times, times[1:], strict=False)])
         self._served += 1
         if self.verbose:
             print(f"dmoe: request {self._served} ({'chat' if job.chat else 'completion'}): {end}; {stats.summary()}",
@@ -579,7 +582,10 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     host, port = httpd.server_address[:2]
     print(f"dmoe: serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        Scheduler(engine, api.ended).run(api.jobs, api.stopping)
+        scheduler = Scheduler(engine, api.ended)
+        api.metrics.watch(lambda: len(scheduler.running), api.jobs.qsize, lambda: sum(map(len, engine.slots)),
+                          engine.parallel * engine.max_seq_len, lambda: engine.comm.seconds)
+        scheduler.run(api.jobs, api.stopping)
     finally:
         api.stopping.set()
         api.drain()

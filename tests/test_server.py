@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -328,6 +329,37 @@ def test_api_key(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         chat(server.client(api_key="wrong"), "Hi", max_tokens=2)
     assert server.request("GET", "/health", key=None)[0] == 200
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """/metrics through prometheus_client's own parser: sample name (with its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_latency_and_kv_use(server: Server) -> None:
+    before = scrape(server)
+    r = chat(server.client(), "Count to five.", max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
+    again = chat(server.client(), "Count to five.", max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
+    after = scrape(server)
+
+    def moved(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert r.usage.completion_tokens == again.usage.completion_tokens == 6  # ignore_eos: no early stop
+    assert moved("dmoe_time_to_first_token_seconds_count") == 2
+    assert moved("dmoe_inter_token_latency_seconds_count") == 2 * 5
+    assert moved("dmoe_completion_tokens_total") == 12
+    cached = [x.usage.prompt_tokens_details.cached_tokens for x in (r, again)]
+    assert moved("dmoe_cached_prompt_tokens_total") == sum(cached) and cached[1] == again.usage.prompt_tokens - 1
+    assert after["dmoe_requests_running"] == after["dmoe_requests_waiting"] == 0
+    assert after["dmoe_kv_cache_capacity_tokens"] == PARALLEL * CONTEXT
+    assert r.usage.total_tokens - 1 <= after["dmoe_kv_cache_tokens"] <= PARALLEL * CONTEXT  # the last is not run
+    assert after["dmoe_root_comm_seconds"] > 0  # two ranks
 
 
 def test_tokenize_and_detokenize(server: Server, tok: Tokenizer) -> None:
