@@ -13,6 +13,7 @@ from typing import Any
 
 from dmoe import __doc__ as package_doc
 from dmoe.supervisor import Supervisor, one_line
+from dmoe.wire import WIRE_TYPES
 
 COMMANDS = ("generate", "chat", "serve", "bench", "info", "plan")
 DEPTH_CHUNK = 512  # bench --depth fills the context this many tokens a step
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pack-cache", default=os.environ.get("DMOE_PACK_CACHE", "auto"),
                         help="directory that keeps the weights as the kernels lay them out, so later starts skip "
                         "repacking (default: ~/.cache/dmoe, or $DMOE_PACK_CACHE); 'off' for none")
+        sp.add_argument("--comm-type", choices=WIRE_TYPES, default="f32",
+                        help="how the per-layer sums travel between ranks: f32 (exact, default), bf16 (half the "
+                        "bytes) or q8_0 (3.6x fewer), for slow links")
         sp.add_argument("--verbose", action="store_true", help="print per-phase timings")
 
     def sampling_args(sp: argparse.ArgumentParser) -> None:
@@ -255,7 +259,8 @@ def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
     engine = Engine.load(args.model, max_seq_len=args.max_seq_len, nthreads=args.nthreads, kv_type=args.kv_type,
                          moe_split=args.moe_split, comm=comm, supervisor=sup,
                          progress=comm.rank == 0 and sys.stderr.isatty(), pack_cache=cache,
-                         preload=args.command == "bench", parallel=getattr(args, "parallel", 1))
+                         preload=args.command == "bench", parallel=getattr(args, "parallel", 1),
+                         comm_type=args.comm_type)
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "

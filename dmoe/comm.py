@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from dmoe.wire import BLOCK, check_type, decode, encode, wire_bytes
+
 # A worker waiting for the root's next command: hot for SPIN_S (a generation's next token comes that soon),
 # then asleep between polls that back off from POLL_MIN_S to POLL_MAX_S. A root that sends a command after a
 # pause first wakes the workers (through the supervisor's connections), so the back-off costs no latency.
@@ -44,6 +46,9 @@ class LocalComm:
 
     def bcast(self, buf: np.ndarray) -> None:
         pass
+
+    def set_reduce_type(self, kind: str) -> None:
+        check_type(kind)  # a world of one reduces nothing
 
     def send_command(self, buf: np.ndarray, wake: Callable[[], None] | None = None) -> None:
         pass
@@ -83,12 +88,49 @@ class MPIComm:
         self.host = MPI.Get_processor_name()
         self.seconds = 0.0
         self.bytes_sent = 0
+        self.reduce_type = "f32"  # the all-reduces' wire form (wire.py); every rank must set the same
+
+    def set_reduce_type(self, kind: str) -> None:
+        self.reduce_type = check_type(kind)
 
     def allreduce_sum(self, buf: np.ndarray) -> None:
+        """Sum buf (C-contiguous f32) over the ranks, in place: every rank ends with the same values."""
         t0 = time.perf_counter()
-        self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+        if self.reduce_type == "f32" or buf.size % BLOCK:
+            self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+            self.bytes_sent += buf.nbytes
+        else:
+            self._compact_allreduce(buf.reshape(-1))
         self.seconds += time.perf_counter() - t0
-        self.bytes_sent += buf.nbytes
+
+    def _compact_allreduce(self, flat: np.ndarray) -> None:
+        """A reduce-scatter, then an all-gather, each part on the wire in the compact form: rank r sums part r
+        (its own copy in f32, the others' decoded) and encodes the sum; every rank decodes every part's sum,
+        its own too, so all hold the same values. On the wire: 2 (N-1) / N of the buffer, compact."""
+        kind, n, me = self.reduce_type, self.size, self.rank
+        blocks = flat.size // BLOCK
+        bounds = [k * blocks // n * BLOCK for k in range(n + 1)]
+        sizes = [wire_bytes(kind, bounds[k + 1] - bounds[k]) for k in range(n)]
+        offsets = [sum(sizes[:k]) for k in range(n)]
+        send = np.empty(sum(sizes), np.uint8)
+        for k in range(n):
+            encode(kind, flat[bounds[k]:bounds[k + 1]], send[offsets[k]:offsets[k] + sizes[k]])
+        mine = sizes[me]
+        recv = np.empty(mine * n, np.uint8)
+        byte = self._mpi.BYTE
+        self._comm.Alltoallv([send, sizes, offsets, byte], [recv, [mine] * n, [mine * k for k in range(n)], byte])
+        total = flat[bounds[me]:bounds[me + 1]].copy()
+        other = np.empty_like(total)
+        for k in range(n):
+            if k != me:
+                decode(kind, recv[mine * k:mine * (k + 1)], other)
+                total += other
+        encode(kind, total, send[offsets[me]:offsets[me] + mine])
+        gathered = np.empty_like(send)
+        self._comm.Allgatherv([send[offsets[me]:offsets[me] + mine], byte], [gathered, sizes, offsets, byte])
+        for k in range(n):
+            decode(kind, gathered[offsets[k]:offsets[k] + sizes[k]], flat[bounds[k]:bounds[k + 1]])
+        self.bytes_sent += sum(sizes) - mine + mine * (n - 1)
 
     def bcast(self, buf: np.ndarray) -> None:
         t0 = time.perf_counter()

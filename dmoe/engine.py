@@ -108,7 +108,7 @@ class Engine:
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
              progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-             parallel: int = 1) -> Engine:
+             parallel: int = 1, comm_type: str = "f32") -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
@@ -123,6 +123,7 @@ class Engine:
                 on_host = comm.allgather_obj(comm.host).count(comm.host)
                 nthreads = max(1, (os.cpu_count() or 1) // on_host)
             nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+            comm.set_reduce_type(comm_type)
             t0 = time.perf_counter()
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
                          preload, parallel)
