@@ -1,7 +1,8 @@
 """Ranks on separate hosts over slow links, rerunnable on one machine: network namespaces stand in for
 hosts (tests/netns.py), `tc ... tbf` limits each host's outgoing link, MPI runs over TCP. For each number of
-hosts, link rate and --comm-type: decode and prefill tok/s, communication ms per token and kB sent per token
-per rank, beside the same ranks on shared memory. Needs root and iproute2. Writes JSON, prints a table.
+hosts, link rate and --comm-type (and one --output): decode and prefill tok/s, communication ms per token
+and kB sent per token per rank, beside the same ranks on shared memory. Needs root and iproute2. Writes
+JSON, prints a table.
 
     python bench/bench_network.py --model models/synth-4l-q40.m --hosts 2 4 --rates unlimited 1gbit 100mbit
 """
@@ -23,7 +24,7 @@ import netns  # noqa: E402
 
 def bench(launch: list[str], args: argparse.Namespace, comm_type: str, env: dict[str, str]) -> dict[str, float]:
     cmd = [*launch, sys.executable, "launch.py", "bench", "--model", args.model, "--nthreads", "1", "--prompt-len",
-           "64", "--steps", str(args.steps), "--comm-type", comm_type, "--json"]
+           "64", "--steps", str(args.steps), "--comm-type", comm_type, "--output", args.output, "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     if r.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--rates", nargs="+", default=["unlimited", "1gbit", "100mbit"], help="tc rates, or unlimited")
     p.add_argument("--comm-types", nargs="+", default=["f32", "bf16", "q8_0"])
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--output", choices=["split", "root"], default="split", help="launch.py's --output")
     p.add_argument("--out", default=os.path.join(HERE, "results", "network.json"))
     args = p.parse_args()
     if why := netns.missing():
@@ -57,7 +59,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "steps": args.steps, "rows": rows}, f, indent=1)
+        json.dump({"model": args.model, "steps": args.steps, "output": args.output, "rows": rows}, f, indent=1)
     print("| hosts | link | comm type | decode tok/s | prefill 64 tok/s | comm ms/token | kB/token/rank |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -50,7 +50,7 @@ class Engine:
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
                  moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-                 parallel: int = 1) -> None:
+                 parallel: int = 1, output: str = "split") -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -62,7 +62,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
         self.nthreads = nthreads
         numba.set_num_threads(nthreads)
-        self.plan = ShardPlan.make(cfg, comm.size, moe_split)
+        self.plan = ShardPlan.make(cfg, comm.size, moe_split, output)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
@@ -108,7 +108,7 @@ class Engine:
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
              progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-             parallel: int = 1, comm_type: str = "f32") -> Engine:
+             parallel: int = 1, comm_type: str = "f32", output: str = "split") -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
@@ -126,7 +126,7 @@ class Engine:
             comm.set_reduce_type(comm_type)
             t0 = time.perf_counter()
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
-                         preload, parallel)
+                         preload, parallel, output)
         except Exception as e:
             if supervisor is not None:
                 if comm.rank != 0:

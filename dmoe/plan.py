@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from dmoe.config import ModelConfig
 
 MOE_SPLITS = ("ffn", "experts")
+OUTPUTS = ("split", "root")  # where the output matrix runs
 FFN_UNIT = 32  # FFN slices are whole quantisation blocks, so down's column slices stay zero-copy
 
 
@@ -67,7 +68,11 @@ class ShardPlan:
         return self.shards[rank]
 
     @classmethod
-    def make(cls, cfg: ModelConfig, world_size: int, moe_split: str = "ffn") -> ShardPlan:
+    def make(cls, cfg: ModelConfig, world_size: int, moe_split: str = "ffn", output: str = "split") -> ShardPlan:
+        """output: "split" gives each rank 1/N of the output matrix's rows (rank 0 gathers the logits: 4 bytes a
+        vocabulary row a token), "root" all of them to rank 0 (no logits cross the network: for slow links)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
         if moe_split not in MOE_SPLITS:
@@ -82,7 +87,8 @@ class ShardPlan:
         else:
             expert_ranges = even_ranges(cfg.num_experts, world_size)
             ffn_ranges = [(0, ff)] * world_size
-        vocab_ranges = even_ranges(cfg.vocab_size, world_size)
+        vocab_ranges = (even_ranges(cfg.vocab_size, world_size) if output == "split"
+                        else [(0, cfg.vocab_size)] + [(cfg.vocab_size, cfg.vocab_size)] * (world_size - 1))
         shards = []
         for r in range(world_size):
             qa, qb = q_ranges[r]

@@ -14,10 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 N_NEW = 12
 
 
-def run_ranks(n: int, model: str, moe_split: str, out: str, timeout: int = 240,
-              comm_type: str = "f32") -> dict[str, np.ndarray]:
+def run_ranks(n: int, model: str, moe_split: str, out: str, timeout: int = 240, comm_type: str = "f32",
+              output: str = "split") -> dict[str, np.ndarray]:
     cmd = ["mpirun", "-n", str(n), sys.executable, os.path.join(HERE, "mpi_logits.py"), model, moe_split, out,
-           str(N_NEW), comm_type]
+           str(N_NEW), comm_type, output]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(out) as f:
@@ -84,3 +84,12 @@ def test_compact_all_reduces(n: int, comm_type: str, model_file, single, tmp_pat
     assert np.median(error) <= 1e-2
     assert (got["logits"].argmax(-1) == ref["logits"].argmax(-1)).mean() >= 0.9
     assert got["comm_bytes"] < exact["comm_bytes"] / (2.5 if comm_type == "q8_0" and n == 2 else 1.5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_output_on_the_root(n: int, model_file, single, tmp_path) -> None:
+    """--output root: rank 0 runs the whole output matrix (no logits gathered): the same logits as one rank."""
+    ref = single("d")
+    got = run_ranks(n, model_file("d", "f32"), "ffn", str(tmp_path / "r.npz"), output="root")
+    assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * np.abs(ref["logits"]).max()
+    assert got["greedy"].tolist() == ref["greedy"].tolist()
