@@ -34,9 +34,9 @@ KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bit
 
 
 class Command(enum.IntEnum):
-    """What the root asks of the workers; the header [command, a, b, c] carries the arguments."""
+    """What the root asks of the workers; the header [command, a, b, c, d] carries the arguments."""
 
-    FORWARD = 1  # a step: a = tokens, b = sequences, c = all logits; then the step's sequences and ids
+    FORWARD = 1  # a step: a = tokens, b = sequences, c = all logits, d = top; then its sequences and ids
     STOP = 2  # leave serve_forever
     REPORT = 3  # answer an allgather of peak memory
 
@@ -73,7 +73,7 @@ class Engine:
         self.model = Model(cfg, self.plan, self.shard, self.weights, k_cache, v_cache, nthreads, self.is_root)
         self.phase_seconds = self.model.phase_seconds
         self.slots: list[list[int]] = [[] for _ in range(parallel)]  # root: the ids whose keys and values are cached
-        self._header = np.zeros(4, np.int64)
+        self._header = np.zeros(5, np.int64)
         self.tokenizer = Tokenizer.from_gguf_fields(mf.metadata) if self.is_root else None
         self.load_seconds = 0.0
         self.supervisor: Supervisor | None = None
@@ -139,10 +139,10 @@ class Engine:
         engine.load_seconds = time.perf_counter() - t0
         return engine
 
-    def _command(self, command: Command, a: int = 0, b: int = 0, c: int = 0) -> None:
+    def _command(self, command: Command, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
         """Send the workers a command. After a pause long enough for them to have gone to sleep between polls
         (comm.SPIN_S), wake them first, so that the first token after a pause does not wait for a poll."""
-        self._header[:] = (command, a, b, c)
+        self._header[:] = (command, a, b, c, d)
         paused = time.perf_counter() - self._done_at > SPIN_S / 2
         wake = self.supervisor.wake if paused and self.supervisor is not None else None
         self.comm.send_command(self._header, wake)
@@ -163,9 +163,12 @@ class Engine:
 
     # ---- the root's API -------------------------------------------------------------------------
 
-    def step(self, batch: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False) -> list[np.ndarray]:
+    def step(self, batch: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False,
+             top: int = 0) -> list[np.ndarray]:
         """Run each (slot, ids) of the batch at the end of its slot's cached sequence, all in one forward step;
-        returns per sequence float32 logits [len(ids), vocab] (all_logits) or [1, vocab] (its last token)."""
+        returns per sequence float32 logits [len(ids), vocab] (all_logits) or [1, vocab] (its last token).
+        top > 0: only each row's `top` largest logits are needed (sampling.candidates): with the output matrix
+        split over ranks, only those cross the network, and the rest of the row is -inf."""
         if not batch:
             raise ValueError("a step needs at least one sequence")
         seqs = np.zeros((len(batch), 3), np.int64)
@@ -185,18 +188,19 @@ class Engine:
         if len(set(seqs[:, 0].tolist())) < len(batch):
             raise ValueError("a step takes each slot at most once")
         ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in batch])
-        self._command(Command.FORWARD, len(ids), len(batch), int(all_logits))
-        logits = self._step(seqs, ids, all_logits)
+        top = 0 if all_logits else max(0, top)
+        self._command(Command.FORWARD, len(ids), len(batch), int(all_logits), top)
+        logits = self._step(seqs, ids, all_logits, top)
         self._done_at = time.perf_counter()
         for slot, ids in batch:
             self.slots[slot].extend(int(t) for t in ids)
         assert logits is not None
         return np.split(logits, np.cumsum(seqs[:-1, 2])) if all_logits else list(logits[:, None])
 
-    def forward(self, ids: Sequence[int], all_logits: bool = False, slot: int = 0) -> np.ndarray:
+    def forward(self, ids: Sequence[int], all_logits: bool = False, slot: int = 0, top: int = 0) -> np.ndarray:
         """Run `ids` at the end of the slot's cached sequence; returns float32 logits [T, vocab] for every
-        position (all_logits) or [1, vocab] for the last."""
-        return self.step([(slot, ids)], all_logits)[0]
+        position (all_logits) or [1, vocab] for the last (top: see step)."""
+        return self.step([(slot, ids)], all_logits, top)[0]
 
     def truncate(self, length: int, slot: int = 0) -> None:
         """Keep only the first `length` cached tokens of a slot (to reuse a shared prefix). The root's bookkeeping
@@ -235,26 +239,26 @@ class Engine:
     def _follow(self) -> None:
         while True:
             self.comm.wait_command(self._header, self.supervisor.woken if self.supervisor else None)
-            command, a, b, c = (int(v) for v in self._header)
+            command, a, b, c, d = (int(v) for v in self._header)
             if command == Command.STOP:
                 return
             if command == Command.REPORT:
                 self.comm.allgather_obj(_peak_rss_gb())
             elif command == Command.FORWARD:
-                self._step(np.zeros((b, 3), np.int64), np.zeros(a, np.int64), bool(c))
+                self._step(np.zeros((b, 3), np.int64), np.zeros(a, np.int64), bool(c), d)
             else:
                 raise RuntimeError(f"unknown command {command} from rank 0")
 
     # ---- one step, on every rank ----------------------------------------------------------------
 
-    def _step(self, seqs: np.ndarray, ids: np.ndarray, all_logits: bool) -> np.ndarray | None:
+    def _step(self, seqs: np.ndarray, ids: np.ndarray, all_logits: bool, top: int) -> np.ndarray | None:
         # numba's thread count is per OS thread and the kernels' per-thread scratch is sized for ours: set it
         # on whichever thread runs this step (a web server's worker, a thread pool), not only the loading one
         numba.set_num_threads(self.nthreads)
         message = np.concatenate([seqs.ravel(), ids])  # one broadcast: the root's values, the workers' room
         self.comm.bcast(message)
         n = len(seqs)
-        return self.model.forward(Batch(message[:3 * n].reshape(n, 3), message[3 * n:], all_logits), self.comm)
+        return self.model.forward(Batch(message[:3 * n].reshape(n, 3), message[3 * n:], all_logits), self.comm, top)
 
 
 def _peak_rss_gb() -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dmoe.engine import Engine
-from dmoe.sampling import Sampler, SamplingParams
+from dmoe.sampling import Sampler, SamplingParams, candidates
 from dmoe.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -78,6 +78,7 @@ class Generation:
         self.stats.prompt_tokens, self.stats.cached_tokens = len(prompt), self.keep
         self.max_tokens, self.max_seq_len, self.stop_ids = max_tokens, max_seq_len, stop_ids
         self.sampler = Sampler(params)
+        self.top = candidates(params)  # the logits each step needs: see Engine.step
         self.history = np.empty(len(prompt) + max_tokens, np.int64)  # prompt then output, for the repetition penalty
         self.history[:len(prompt)] = prompt
         self.n_prompt, self.n_generated = len(prompt), 0
@@ -126,7 +127,7 @@ def generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_
     comm0 = engine.comm.seconds
     try:
         while True:
-            token = gen.advance(engine.forward(gen.take())[-1])
+            token = gen.advance(engine.forward(gen.take(), top=gen.top)[-1])
             assert token is not None
             yield token
             if gen.done:

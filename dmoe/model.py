@@ -174,9 +174,9 @@ class Model:
             self._states[capacity] = st
         return st
 
-    def forward(self, batch: Batch, comm: LocalComm | MPIComm) -> np.ndarray | None:
+    def forward(self, batch: Batch, comm: LocalComm | MPIComm, top: int = 0) -> np.ndarray | None:
         """Run the step on this rank (every rank at once); the root gets the logits [rows, vocab] of
-        batch.logit_rows(), the others None."""
+        batch.logit_rows(), the others None. top > 0: see Engine.step."""
         T, cfg, w = batch.T, self.cfg, self.weights
         st = self._state(T)
         phase, clock = self.phase_seconds, time.perf_counter
@@ -197,7 +197,34 @@ class Model:
         local = np.empty((h.shape[0], self.shard.vocab[1] - self.shard.vocab[0]), np.float32)
         if w.output is not None:
             w.output.matmul(h, local)
-        logits = np.empty((h.shape[0], cfg.vocab_size), np.float32) if self.is_root else local
-        comm.gather_rows(local, logits, [s.vocab[1] - s.vocab[0] for s in self.plan.shards])
+        widths = [s.vocab[1] - s.vocab[0] for s in self.plan.shards]
+        if top and sum(width > 0 for width in widths) > 1:
+            logits = self._gather_top(local, top, widths, comm)
+        else:
+            logits = np.empty((h.shape[0], cfg.vocab_size), np.float32) if self.is_root else local
+            comm.gather_rows(local, logits, widths)
         phase["output"] += clock() - t0
         return logits if self.is_root else None
+
+    def _gather_top(self, local: np.ndarray, top: int, widths: list[int], comm: LocalComm | MPIComm) -> np.ndarray:
+        """Each rank's `top` largest logits of every row (values, and global ids as int32 bits), gathered; the
+        root scatters them into rows of -inf. The rows' top `top` overall are among them."""
+        n = local.shape[0]
+        counts = [min(top, width) for width in widths]
+        k = counts[self.shard.rank]
+        part = np.empty((n, 2 * k), np.float32)
+        if k:
+            idx = np.argpartition(local, local.shape[1] - k, axis=1)[:, -k:]
+            part[:, :k] = np.take_along_axis(local, idx, axis=1)
+            part[:, k:] = (idx + self.shard.vocab[0]).astype(np.int32).view(np.float32)
+        got = np.empty((n, 2 * sum(counts)), np.float32) if self.is_root else part
+        comm.gather_rows(part, got, [2 * c for c in counts])
+        if not self.is_root:
+            return part
+        logits = np.full((n, self.cfg.vocab_size), -np.inf, np.float32)
+        at = 0
+        for c in counts:
+            np.put_along_axis(logits, got[:, at + c:at + 2 * c].view(np.int32).astype(np.intp), got[:, at:at + c],
+                              axis=1)
+            at += 2 * c
+        return logits

@@ -68,6 +68,16 @@ class SamplingParams:
             raise ValueError(f"sampling: seed must be None or an int >= 0, got {s!r}")
 
 
+def candidates(params: SamplingParams) -> int:
+    """How many of a row's largest logits decide the draw (0: all of them): 1 for greedy, top_k with top-k on
+    (top-p and min-p then work on those k). A repetition penalty can lower any logit, so it needs all."""
+    if params.repetition_penalty != 1.0:
+        return 0
+    if params.temperature == 0.0:
+        return 1
+    return params.top_k
+
+
 def apply_repetition_penalty(
     logits: np.ndarray, history: Sequence[int] | np.ndarray, penalty: float, out: np.ndarray | None = None
 ) -> np.ndarray:

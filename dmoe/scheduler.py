@@ -149,8 +149,9 @@ class Scheduler:
             batch.append((r.slot, ids))
             members.append(r)
             budget -= len(ids)
+        tops = [r.gen.top for r in members]
         try:
-            logits = self.engine.step(batch)
+            logits = self.engine.step(batch, top=0 if 0 in tops else max(tops))
         except ValueError as e:  # refused before any collective: the batch's jobs end, the others go on
             for r in members:
                 self.running.remove(r)

@@ -1,6 +1,7 @@
 """Run under mpirun by test_distributed.py: every position's logits for a fixed sequence, then a greedy
 continuation (arguments 5 and 6: the all-reduces' comm type, where the output matrix runs); the root saves
-both to an .npz for the test to compare across world sizes."""
+both to an .npz for the test to compare across world sizes, and the last position's logits asked for with
+top=5."""
 
 import sys
 
@@ -20,5 +21,8 @@ logits = engine.forward(ids, all_logits=True)
 greedy = [int(logits[-1].argmax())]
 for _ in range(n_new - 1):
     greedy.append(int(engine.forward([greedy[-1]])[-1].argmax()))
+comm_bytes = engine.comm.bytes_sent
+engine.reset()
+top5 = engine.forward(ids, top=5)[-1]  # only each rank's 5 largest logits cross
 engine.close()
-np.savez(out, logits=logits, greedy=np.array(greedy), comm_bytes=engine.comm.bytes_sent)
+np.savez(out, logits=logits, greedy=np.array(greedy), comm_bytes=comm_bytes, top5=top5)

@@ -93,3 +93,14 @@ def test_output_on_the_root(n: int, model_file, single, tmp_path) -> None:
     got = run_ranks(n, model_file("d", "f32"), "ffn", str(tmp_path / "r.npz"), output="root")
     assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * np.abs(ref["logits"]).max()
     assert got["greedy"].tolist() == ref["greedy"].tolist()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_only_the_top_logits_cross(n: int, model_file, single, tmp_path) -> None:
+    """top=5 (what greedy or top-k sampling needs): the 5 largest logits exact, the rest of the row -inf but
+    for the other ranks' candidates; greedy generation uses top=1 and picks the same tokens (above)."""
+    ref = single("d")["logits"][-1]
+    got = run_ranks(n, model_file("d", "f32"), "ffn", str(tmp_path / "r.npz"))["top5"]
+    finite = np.isfinite(got)
+    assert finite[np.argsort(ref)[-5:]].all() and finite.sum() <= 5 * n
+    assert np.abs(got[finite] - ref[finite]).max() <= 1e-5 * np.abs(ref).max()

@@ -27,6 +27,7 @@ from dmoe.sampling import (
     _exp_shifted,
     _top_k_indices,
     apply_repetition_penalty,
+    candidates,
 )
 
 QWEN3_VOCAB = 151936
@@ -310,3 +311,26 @@ def test_fast_exp_matches_exp() -> None:
     ref = np.exp(t[:-3].astype(np.float64))
     assert np.max(np.abs(out[:-3] - ref) / ref) < 3e-7
     assert out[-3] == 1.0 and out[-2] == 0.0 and out[-1] == 0.0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.6, top_k=20, top_p=0.95),
+                                    SamplingParams(temperature=1.0, top_k=5, min_p=0.1)])
+def test_the_top_candidates_decide_the_draw(params: SamplingParams) -> None:
+    """sampling.candidates: the draw from only that many largest logits per rank (the rest -inf, as a split
+    output matrix sends them) is the draw from the whole row."""
+    rng = np.random.default_rng(3)
+    k = candidates(params)
+    assert k > 0
+    for seed in range(20):
+        logits = rng.normal(0, 3, 4096).astype(np.float32)
+        sparse = np.full_like(logits, -np.inf)
+        for part in np.array_split(np.arange(logits.size), 3):  # 3 ranks' rows, each sends its top k
+            best = part[np.argsort(logits[part])[-k:]]
+            sparse[best] = logits[best]
+        pick = SamplingParams(params.temperature, params.top_k, params.top_p, params.min_p, seed=seed)
+        assert Sampler(pick)(sparse) == Sampler(pick)(logits)
+
+
+def test_a_penalty_or_an_open_vocabulary_needs_every_logit() -> None:
+    assert candidates(SamplingParams(temperature=0.0, repetition_penalty=1.1)) == 0
+    assert candidates(SamplingParams(temperature=1.0, top_p=0.9)) == 0
