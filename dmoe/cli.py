@@ -15,14 +15,14 @@ from dmoe import __doc__ as package_doc
 from dmoe.supervisor import Supervisor, one_line
 from dmoe.wire import WIRE_TYPES
 
-COMMANDS = ("generate", "chat", "serve", "bench", "info", "plan")
+COMMANDS = ("generate", "chat", "serve", "bench", "info", "plan", "convert")
 DEPTH_CHUNK = 512  # bench --depth fills the context this many tokens a step
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "qwen3-moe-demo.m")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch.py", description=package_doc,
+        description=package_doc,
         epilog="Run on several ranks with: mpirun -n N python launch.py ...  (see README)")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "batched as the server does; a comma list measures each (aggregate tok/s, latency)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
+    sub.add_parser("convert", add_help=False,
+                   help="a Hugging Face checkpoint to a .m file (`convert --help`; as converter/convert_hf.py)")
+
     i = sub.add_parser("info", help="describe a model file")
     i.add_argument("--model", default=DEMO_MODEL, help="the .m file")
 
@@ -123,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        from dmoe.convert import main as convert
+
+        sys.exit(convert(argv[1:], prog="dmoe convert"))
     args = parse_args(argv)
     if args.command == "info":
         from dmoe.info import describe

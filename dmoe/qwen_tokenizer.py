@@ -26,7 +26,7 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
 )
 QWEN3_VOCAB_SIZE = 151936  # the model's embedding rows: more than the tokenizer's 151669 ids
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "configs" / "qwen3_chat_template.jinja"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "qwen3_chat_template.jinja"
 
 
 def qwen_ranks() -> dict[bytes, int]:
