@@ -25,7 +25,7 @@ from dmoe.comm import SPIN_S, LocalComm, MPIComm, make_comm
 from dmoe.model import Batch, Model
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore, StaleCacheError
-from dmoe.plan import ShardPlan
+from dmoe.plan import ShardPlan, parse_shares
 from dmoe.supervisor import Supervisor, one_line
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
@@ -50,7 +50,7 @@ class Engine:
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
                  moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-                 parallel: int = 1, output: str = "split") -> None:
+                 parallel: int = 1, output: str = "split", shares: str | None = None) -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -62,7 +62,8 @@ class Engine:
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
         self.nthreads = nthreads
         numba.set_num_threads(nthreads)
-        self.plan = ShardPlan.make(cfg, comm.size, moe_split, output)
+        self.plan = ShardPlan.make(cfg, comm.size, moe_split, output,
+                                   parse_shares(shares, comm.size) if shares else None)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
@@ -108,7 +109,7 @@ class Engine:
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
              progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-             parallel: int = 1, comm_type: str = "f32", output: str = "split") -> Engine:
+             parallel: int = 1, comm_type: str = "f32", output: str = "split", shares: str | None = None) -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
@@ -126,7 +127,7 @@ class Engine:
             comm.set_reduce_type(comm_type)
             t0 = time.perf_counter()
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
-                         preload, parallel, output)
+                         preload, parallel, output, shares)
         except Exception as e:
             if supervisor is not None:
                 if comm.rank != 0:

@@ -19,7 +19,7 @@ from dmoe.config import ModelConfig
 from dmoe.engine import KV_TYPES
 from dmoe.kernels import ExpertWeights, layout_runs, packed_format
 from dmoe.model import DECODE_CAPACITY, RunState
-from dmoe.plan import RankShard, ShardPlan
+from dmoe.plan import RankShard, ShardPlan, parse_shares
 from dmoe.weights import sliced_type
 
 
@@ -82,7 +82,8 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
 
 
 def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], moe_split: str, max_seq_len: int,
-           kv_type: str, prompt_len: int, threads: int, parallel: int = 1, output: str = "split") -> str:
+           kv_type: str, prompt_len: int, threads: int, parallel: int = 1, output: str = "split",
+           shares: str | None = None) -> str:
     """The `launch.py plan` table: per rank of each world size, GB of weights, KV cache, buffers and in all."""
     gb = 1e9
     slots = f"{parallel} slots of " if parallel > 1 else ""
@@ -91,8 +92,8 @@ def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], 
              f"{threads} thread(s)",
              f"{'ranks':>5} {'rank':>4} {'weights GB':>10} {'KV GB':>7} {'buffers GB':>10} {'total GB':>8}"]
     for n in ranks:
-        rows = footprint(cfg, types, ShardPlan.make(cfg, n, moe_split, output), max_seq_len, kv_type, prompt_len,
-                         threads, parallel)
+        plan = ShardPlan.make(cfg, n, moe_split, output, parse_shares(shares, n) if shares else None)
+        rows = footprint(cfg, types, plan, max_seq_len, kv_type, prompt_len, threads, parallel)
         for r in rows:
             lines.append(f"{n:>5} {r.rank:>4} {r.weights / gb:>10.2f} {r.kv_cache / gb:>7.2f} {r.buffers / gb:>10.2f} "
                          f"{r.total / gb:>8.2f}")

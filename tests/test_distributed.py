@@ -15,9 +15,9 @@ N_NEW = 12
 
 
 def run_ranks(n: int, model: str, moe_split: str, out: str, timeout: int = 240, comm_type: str = "f32",
-              output: str = "split") -> dict[str, np.ndarray]:
+              output: str = "split", shares: str = "") -> dict[str, np.ndarray]:
     cmd = ["mpirun", "-n", str(n), sys.executable, os.path.join(HERE, "mpi_logits.py"), model, moe_split, out,
-           str(N_NEW), comm_type, output]
+           str(N_NEW), comm_type, output, *([shares] if shares else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(out) as f:
@@ -104,3 +104,13 @@ def test_only_the_top_logits_cross(n: int, model_file, single, tmp_path) -> None
     finite = np.isfinite(got)
     assert finite[np.argsort(ref)[-5:]].all() and finite.sum() <= 5 * n
     assert np.abs(got[finite] - ref[finite]).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize(("shares", "moe_split"), [("3,1", "ffn"), ("1,2,1", "ffn"), ("1,3", "experts")])
+def test_uneven_shares(shares: str, moe_split: str, model_file, single, tmp_path) -> None:
+    """--shares: heads, experts or FFN slices and output rows in proportion; the same logits as one rank."""
+    ref = single("d")
+    got = run_ranks(len(shares.split(",")), model_file("d", "f32"), moe_split, str(tmp_path / "r.npz"),
+                    shares=shares)
+    assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * np.abs(ref["logits"]).max()
+    assert got["greedy"].tolist() == ref["greedy"].tolist()
