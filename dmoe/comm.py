@@ -24,6 +24,7 @@ SPIN_S, POLL_MIN_S, POLL_MAX_S = 0.05, 50e-6, 0.02
 
 # Variables that MPI launchers (MPICH's hydra, Open MPI, Slurm's PMI) set in every rank.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")  # how many ranks the launcher started
 
 
 def launched_by_mpi() -> bool:
@@ -196,9 +197,17 @@ class MPIComm:
 
 
 def make_comm() -> LocalComm | MPIComm:
-    """MPI when started by an MPI launcher with more than one rank, else a world of one."""
+    """MPI when started by an MPI launcher with more than one rank, else a world of one. A launcher that
+    started several ranks which MPI sees as worlds of one (mpi4py built for another MPI than that mpirun)
+    is refused: each would run the whole model alone."""
     if launched_by_mpi():
         comm = MPIComm()
         if comm.size > 1:
             return comm
+        started = max((int(os.environ[v]) for v in _SIZE_VARS if os.environ.get(v, "").isdigit()), default=1)
+        if started > 1:
+            library = " ".join(comm._mpi.Get_library_version().split("\n")[0].split())
+            raise RuntimeError(f"the launcher started {started} ranks but MPI sees a world of one: mpi4py runs "
+                               f"on {library}, another MPI than this mpirun's; use the mpirun of mpi4py's MPI "
+                               "(with pip's mpich, the one installed beside it)")
     return LocalComm()

@@ -154,3 +154,13 @@ def test_bench_reports_every_figure(ranks: int, model_file) -> None:
         assert out["comm_kb_per_token_per_rank"] == 0
     else:
         assert per_token <= out["comm_kb_per_token_per_rank"] <= per_token * 1.06
+
+
+def test_a_launcher_of_another_mpi_is_refused() -> None:
+    """Ranks started by an mpirun of another MPI than mpi4py's each see a world of one: refused in one line (else
+    each would run the whole model alone). Simulated with the variable Open MPI's launcher sets."""
+    env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2")
+    r = subprocess.run([sys.executable, "launch.py", "--prompt", "hi", "--steps", "2"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "the launcher started 2 ranks but MPI sees a world of one" in r.stderr
