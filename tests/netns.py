@@ -49,6 +49,9 @@ class Hosts:
         except subprocess.CalledProcessError as e:
             self.__exit__()
             raise OSError(f"cannot create network namespaces here: {e.stderr.strip()}") from None
+        # a host running Docker drops forwarded packets (iptables FORWARD policy DROP): let the bridge's through
+        subprocess.run(["iptables", "-I", "FORWARD", "-i", f"{tag}br", "-o", f"{tag}br", "-j", "ACCEPT"],
+                       capture_output=True)
         fd, self.launcher = tempfile.mkstemp(suffix="-nsexec.sh")
         with os.fdopen(fd, "w") as f:
             f.write(LAUNCHER.format(tag=tag))
@@ -78,6 +81,8 @@ class Hosts:
         for i in range(1, self.n + 1):
             subprocess.run(["ip", "netns", "del", f"{self.tag}n{i}"], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
+        subprocess.run(["iptables", "-D", "FORWARD", "-i", f"{self.tag}br", "-o", f"{self.tag}br", "-j", "ACCEPT"],
+                       capture_output=True)
         if self.launcher:
             os.unlink(self.launcher)
             self.launcher = ""
