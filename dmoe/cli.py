@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from dmoe import __doc__ as package_doc
+from dmoe.plan import OUTPUTS
 from dmoe.supervisor import Supervisor, one_line
 from dmoe.wire import WIRE_TYPES
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--comm-type", choices=WIRE_TYPES, default="f32",
                         help="how the per-layer sums travel between ranks: f32 (exact, default), bf16 (half the "
                         "bytes) or q8_0 (3.6x fewer), for slow links")
-        sp.add_argument("--output", choices=["split", "root"], default="split",
+        sp.add_argument("--output", choices=OUTPUTS, default="split",
                         help="where the output matrix runs: split over the ranks (default; rank 0 gathers 4 bytes a "
                         "vocabulary row a token) or all on rank 0 (no logits cross the network: for slow links)")
         sp.add_argument("--shares", help="each rank's part of the work, one number a rank (e.g. 3,1 when rank 0's "
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--kv-type", choices=["f16", "f32"], default="f16")
     pl.add_argument("--prompt-len", type=int, default=512, help="the longest prefill to hold buffers for")
     pl.add_argument("--parallel", type=int, default=1, help="KV cache slots (serve's --parallel; default 1)")
-    pl.add_argument("--output", choices=["split", "root"], default="split", help="where the output matrix runs")
+    pl.add_argument("--output", choices=OUTPUTS, default="split", help="where the output matrix runs")
     pl.add_argument("--shares", help="each rank's part of the work (one -n only), e.g. 3,1")
     pl.add_argument("--nthreads", type=int, default=1, help="threads per rank (attention scratch)")
     return p

@@ -53,6 +53,16 @@ class GenerationStats:
                 f"time to first token {self.ttft_s:.2f} s, communication {self.comm_ms_per_token:.2f} ms/token")
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids a and b have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Generation:
     """One sequence's generation, stepped by whoever drives the engine (`generate` alone, the server's
     scheduler in a batch): `take` gives the ids its next step runs (the uncached prompt, whole or in chunks,
@@ -68,12 +78,8 @@ class Generation:
         if len(prompt) >= max_seq_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {max_seq_len} "
                              f"(--max-seq-len) including at least one generated token")
-        common = 0
-        for a, b in zip(cached, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        self.keep = min(common, len(prompt) - 1)  # at least one prompt token must run, for its logits
+        # at least one prompt token must run, for its logits
+        self.keep = min(shared_prefix(cached, prompt), len(prompt) - 1)
         self.stats = stats if stats is not None else GenerationStats()
         self.stats.prompt_tokens, self.stats.cached_tokens = len(prompt), self.keep
         self.max_tokens, self.max_seq_len, self.stop_ids = max_tokens, max_seq_len, stop_ids

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmoe.engine import Engine
-from dmoe.generation import Generation, GenerationStats
+from dmoe.generation import Generation, GenerationStats, shared_prefix
 from dmoe.reasoning import ReplyText
 from dmoe.sampling import SamplingParams
 
@@ -121,17 +121,8 @@ class Scheduler:
 
     def _choose_slot(self, prompt: list[int]) -> int:
         busy = {r.slot for r in self.running}
-
-        def shared(slot: int) -> int:
-            n = 0
-            for a, b in zip(self.engine.slots[slot], prompt, strict=False):
-                if a != b:
-                    break
-                n += 1
-            return n
-
         free = [s for s in range(self.engine.parallel) if s not in busy]
-        return max(free, key=lambda s: (shared(s), -self._last_used[s]))
+        return max(free, key=lambda s: (shared_prefix(self.engine.slots[s], prompt), -self._last_used[s]))
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self.running if r.job.cancelled]:
