@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dmoe.engine import Engine
 from dmoe.generation import Generation, GenerationStats, shared_prefix
@@ -48,6 +48,12 @@ class Failed:
     message: str
 
 
+class EventSink(Protocol):
+    """Where a job's events go: a queue.Queue, or the server's hand-over into its event loop."""
+
+    def put(self, event: Delta | Finish | Failed) -> None: ...
+
+
 @dataclass
 class Job:
     """One validated request, waiting for (then fed by) the scheduler."""
@@ -60,7 +66,7 @@ class Job:
     thinking: bool | None  # where the reasoning split starts; None = no split (completions)
     ignore_eos: bool = False  # generate through end-of-turn tokens (vLLM's extension; benchmarks)
     submitted: float = field(default_factory=time.perf_counter)
-    events: queue.Queue[Delta | Finish | Failed] = field(default_factory=queue.Queue)
+    events: EventSink = field(default_factory=queue.Queue)
     cancelled: bool = False  # the client went away
 
 
