@@ -32,6 +32,9 @@ from dmoe.comm import LocalComm, MPIComm
 HANDSHAKE_TIMEOUT_S = 60.0  # for every worker to connect and introduce itself (workers start at once)
 LINE_TIMEOUT_S = 5.0  # for one connection to send its introduction line
 REPORT_WAIT_S = 3.0  # how long a failing worker waits for the root to report it
+# A host that loses power or its network closes nothing: TCP keepalive probes find it. Silent this long, then
+# probed every KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES times unanswered: the rank is lost (about 11 s in all).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 5, 2, 3
 
 
 def _candidate_addresses() -> list[str]:
@@ -42,6 +45,15 @@ def _candidate_addresses() -> list[str]:
     for entries in psutil.net_if_addrs().values():
         addrs += [a.address for a in entries if a.family == socket.AF_INET and a.address not in addrs]
     return addrs
+
+
+def _keep_alive(conn: socket.socket) -> None:
+    """Probe a quiet connection, so that a peer whose host vanished is found (its recv fails: TimeoutError)."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, name):  # Linux has them all; elsewhere the system's defaults (hours) apply
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def one_line(e: BaseException) -> str:
@@ -77,6 +89,7 @@ class Supervisor:
             addrs, port, nonce = comm.bcast_obj(None)
             self._root = self._connect(addrs, port)
             self._root.settimeout(None)
+            _keep_alive(self._root)
             self._root.sendall(f"{nonce} {comm.rank} {comm.host}\n".encode())
             threading.Thread(target=self._watch_root, daemon=True).start()
 
@@ -132,6 +145,7 @@ class Supervisor:
         sel.unregister(conn)
         del pending[conn]
         conn.setblocking(True)
+        _keep_alive(conn)
         self._peers[conn] = introduced
 
     def _introduction(self, line: bytes, nonce: str) -> tuple[int, str] | None:

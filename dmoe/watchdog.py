@@ -53,6 +53,9 @@ def watch(root_pid: int, control: int, peers: dict[int, tuple[socket.socket, int
             conn, rank, host = peers[fd]
             try:
                 data = conn.recv(65536)
+            except TimeoutError:  # keepalive probes went unanswered (supervisor.py set them)
+                data = b""
+                reasons[rank] = b"lost: no answer from its host (powered off, or the network between is cut)"
             except OSError:
                 data = b""
             if data:

@@ -66,6 +66,10 @@ class Hosts:
             if rate:
                 _sh(f"ip netns exec {self.tag}n{i} tc qdisc add dev eth0 root tbf rate {rate} burst 64kb latency 50ms")
 
+    def link(self, i: int, up: bool) -> None:
+        """Host i's link (1-based) up or down: down, its packets go nowhere and nothing tells its peers."""
+        _sh(f"ip link set {self.tag}v{i} {'up' if up else 'down'}")
+
     def mpiexec(self, ranks: int) -> list[str]:
         """The launch of `ranks` ranks spread over the hosts (round robin)."""
         hosts = ",".join(f"{self.subnet}.{i + 2}" for i in range(self.n))

@@ -57,3 +57,29 @@ def test_compact_sums_cross_a_slow_link_in_fewer_bytes(two_hosts, model_file) ->
     finally:
         two_hosts.limit(None)
     assert sent["q8_0"] < 0.7 * sent["f32"], sent
+
+
+def test_a_host_cut_off_the_network_ends_the_job(two_hosts) -> None:
+    """A host that vanishes (its link down: no FIN, no RST, as when it loses power) is found by the supervisor's
+    keepalive probes: the root names the lost rank and the whole job ends, instead of waiting forever."""
+    proc = subprocess.Popen([*two_hosts.mpiexec(2), sys.executable, "launch.py", "serve",
+                             "--port", "0", "--nthreads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=dict(os.environ, **netns.ENV))
+    try:
+        assert proc.stderr is not None
+        said = []
+        for line in proc.stderr:
+            said.append(line)
+            if "serving" in line:
+                break
+        else:
+            pytest.fail(f"the server did not start (exit {proc.wait()}):\n{''.join(said)}")
+        two_hosts.link(2, up=False)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        two_hosts.link(2, up=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "rank 1" in err and "lost: no answer from its host" in err, err[-2000:]
