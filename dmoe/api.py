@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -47,7 +48,7 @@ class API:
     """Turns requests into jobs (any thread) and tells the metrics how they ended (the engine thread)."""
 
     def __init__(self, engine: Engine, model_name: str, defaults: SamplingParams, default_max_tokens: int,
-                 api_key: str | None, verbose: bool) -> None:
+                 api_key: str | None, verbose: bool, stall_timeout: float = 60.0) -> None:
         assert engine.tokenizer is not None
         self.engine = engine
         self.tok: Tokenizer = engine.tokenizer
@@ -59,6 +60,19 @@ class API:
         self._submit_lock = threading.Lock()
         self._served = 0
         self.metrics = ServerMetrics()
+        self.stall_timeout = stall_timeout
+        self.step_age: Callable[[], float] = lambda: 0.0  # the scheduler's, once it runs
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """GET /health: 200 while the engine steps; 503 when a forward step hangs (a rank stopped, or one far
+        slower than the rest: MPI waits for it). A rank that dies ends the whole job (supervisor.py) instead."""
+        ranks = self.engine.comm.size
+        age = self.step_age()
+        if age > self.stall_timeout:
+            return 503, {"status": "stalled", "ranks": ranks,
+                         "message": f"a forward step has run for {age:.0f} s (--stall-timeout {self.stall_timeout:g}):"
+                         " a rank is stopped or far slower than the others"}
+        return 200, {"status": "ok", "ranks": ranks}
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dmoe",

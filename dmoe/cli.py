@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="model id reported by the API (default: the file's name)")
     s.add_argument("--parallel", type=int, default=4,
                    help="requests served at once, each in its own KV cache slot of --max-seq-len tokens (default 4)")
+    s.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="/health answers 503 once one forward step has run this many seconds: a rank is stopped "
+                   "or far slower than the others (default 60)")
 
     b = sub.add_parser("bench", help="measure prefill and decode speed")
     model_args(b)

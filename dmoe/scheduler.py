@@ -88,6 +88,12 @@ class Scheduler:
         self.engine, self.ended, self.step_tokens = engine, ended, step_tokens
         self.running: list[_Running] = []
         self._last_used = [0.0] * engine.parallel
+        self._step_started: float | None = None
+
+    def step_age(self) -> float:
+        """Seconds the forward step now running has taken (0 between steps): read from any thread."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def run(self, jobs: queue.Queue[Job], stopping: threading.Event) -> None:
         """Until `stopping` is set; then every running job gets a 503."""
@@ -147,6 +153,7 @@ class Scheduler:
             members.append(r)
             budget -= len(ids)
         tops = [r.gen.top for r in members]
+        self._step_started = time.monotonic()
         try:
             logits = self.engine.step(batch, top=0 if 0 in tops else max(tops))
         except ValueError as e:  # refused before any collective: the batch's jobs end, the others go on
@@ -155,6 +162,8 @@ class Scheduler:
                 r.job.events.put(Failed(400, str(e)))
                 self.ended(r.job, "error", r.gen.stats)
             return
+        finally:
+            self._step_started = None
         now = time.monotonic()
         for r, lg in zip(members, logits, strict=True):
             self._last_used[r.slot] = now

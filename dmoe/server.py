@@ -201,7 +201,7 @@ def build_app(api: API) -> Starlette:
     """The routes; wrapped by _Guard for keys, body limits and counts."""
 
     async def health(request: Request) -> Response:
-        return _json(200, {"status": "ok"})
+        return _json(*api.health())
 
     async def metrics(request: Request) -> Response:
         data, content_type = api.metrics.render()
@@ -372,7 +372,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; the API needs one")
     name = args.model_name or os.path.basename(args.model)
-    api = API(engine, name, args.sampling, args.steps, args.api_key, args.verbose)
+    api = API(engine, name, args.sampling, args.steps, args.api_key, args.verbose, args.stall_timeout)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
@@ -394,6 +394,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     print(f"dmoe: serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         scheduler = Scheduler(engine, api.ended)
+        api.step_age = scheduler.step_age
         api.metrics.watch(lambda: len(scheduler.running), api.jobs.qsize, lambda: sum(map(len, engine.slots)),
                           engine.parallel * engine.max_seq_len, lambda: engine.comm.seconds)
         scheduler.run(api.jobs, api.stopping)

@@ -38,6 +38,7 @@ CONTEXT = 1024
 GREEDY: dict[str, Any] = {"temperature": 0.0}
 PARALLEL = 4  # serve's default --parallel
 IDLE_S = 5.0  # how long the idle test watches the ranks (bench/soak.py watches 30 s)
+STALL_S = 2.0  # the servers' --stall-timeout
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Server:
 def start_server(model: str, log: Path, ranks: int) -> Server:
     launcher = ["mpirun", "-n", str(ranks)] if ranks > 1 else []
     cmd = [*launcher, sys.executable, str(ROOT / "launch.py"), "serve", "--model", model, "--port", "0",
-           "--max-seq-len", str(CONTEXT), "--model-name", NAME, "--api-key", KEY, "--verbose"]
+           "--max-seq-len", str(CONTEXT), "--model-name", NAME, "--api-key", KEY, "--verbose",
+           "--stall-timeout", str(STALL_S)]
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
     server = Server(proc, "", log)
@@ -90,7 +92,7 @@ def start_server(model: str, log: Path, ranks: int) -> Server:
             pytest.fail(f"the server did not start:\n{server.log_text()}")
         time.sleep(0.2)
     server.url = m.group(1)
-    assert server.request("GET", "/health", key=None) == (200, {"status": "ok"})
+    assert server.request("GET", "/health", key=None) == (200, {"status": "ok", "ranks": ranks})
     return server
 
 
@@ -405,6 +407,25 @@ def test_idle_ranks_sleep(server: Server) -> None:
         busy = (after.user + after.system - before[r].user - before[r].system) / elapsed
         assert busy < 0.05, f"rank {r} used {busy:.1%} of a core while idle"  # spinning: 100%
     assert chat(server.client(), "Still there?", max_tokens=2, **GREEDY).choices
+
+
+def test_health_reports_a_stopped_rank(server: Server) -> None:
+    """A worker that stops (SIGSTOP) hangs the forward step in a collective: /health turns 503 and says so, and
+    once the worker runs again the request completes and /health is 200 again."""
+    worker = rank_processes(server)[1]
+    with ThreadPoolExecutor(1) as pool:
+        worker.suspend()
+        try:
+            answer = pool.submit(chat, server.client(), "Hi", max_tokens=4, **GREEDY)
+            deadline = time.monotonic() + 60
+            while (health := server.request("GET", "/health", key=None))[0] == 200:
+                assert time.monotonic() < deadline, "the stall was never reported"
+                time.sleep(0.1)
+        finally:
+            worker.resume()
+        assert answer.result(timeout=60).usage.completion_tokens >= 1
+    assert health[0] == 503 and health[1]["status"] == "stalled" and "rank" in health[1]["message"], health
+    assert server.request("GET", "/health", key=None) == (200, {"status": "ok", "ranks": 2})
 
 
 def test_soak(server: Server) -> None:
