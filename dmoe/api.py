@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from dmoe.constraints import Constraint, json_grammar, tool_call_grammar
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats
 from dmoe.metrics import ServerMetrics
@@ -32,6 +33,7 @@ from dmoe.reasoning import opens_thinking
 from dmoe.sampling import SamplingParams
 from dmoe.scheduler import EventSink, Failed, Job
 from dmoe.tokenizer import Tokenizer
+from dmoe.toolcalls import ToolError, ToolRequest, template_message, tool_format, tool_request
 
 Request = TypeVar("Request", bound=BaseModel)
 
@@ -81,13 +83,42 @@ class API:
     # ---- requests -> jobs ---------------------------------------------------------------------
 
     def chat_job(self, req: ChatCompletionRequest, events: EventSink) -> Job:
-        if req.tools:
-            raise APIError(400, "'tools' is not supported by this server", "tools", "unsupported_parameter")
-        if req.response_format is not None and req.response_format != {"type": "text"}:
-            raise APIError(400, "'response_format' is not supported by this server", "response_format",
-                           "unsupported_parameter")
-        ids, text = self._chat_prompt(req)
-        return self._job(req, True, ids, opens_thinking(text), events)
+        ids, text, tools = self._chat_prompt(req)
+        job = self._job(req, True, ids, opens_thinking(text), events)
+        job.constraint = self._constraint(req, tools, text)
+        job.tool_calls = tools.parser()
+        return job
+
+    def _constraint(self, req: ChatCompletionRequest, tools: ToolRequest, text: str) -> Constraint | None:
+        """The grammar a reply must keep: a response_format's JSON, or a forced call in Qwen3's JSON format
+        (Qwen3-Coder's XML calls are forced by their opening in the prompt instead: ToolRequest.prefix)."""
+        fmt = req.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        forced = tools.forced and tools.fmt == "qwen3_json"
+        if kind == "text" and not forced:
+            return None
+        if kind != "text" and tools.forced:
+            raise APIError(400, "'response_format' cannot be combined with a forced tool call", "response_format")
+        if kind == "json_object":
+            answer, param = json_grammar(None), "response_format"
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise APIError(400, "response_format.json_schema must be an object with a 'schema' object",
+                               "response_format.json_schema")
+            answer, param = json_grammar(spec.get("schema", {})), "response_format.json_schema.schema"
+        elif kind == "text":
+            chosen = [t for t in tools.tools if tools.function in (None, t["function"]["name"])]
+            answer, param = tool_call_grammar(self.tok, chosen, tools.parallel), "tools"
+        else:
+            raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema', got "
+                           f"{kind!r}", "response_format.type")
+        template = self.tok.chat_template or ""
+        think = "<think>" in template and req.thinking() and not text.endswith("</think>\n\n")
+        try:
+            return Constraint(self.tok, self.engine.config.vocab_size, answer, think, opens_thinking(text))
+        except ValueError as e:
+            raise APIError(400, f"the grammar cannot be built: {e}", param) from None
 
     def completion_job(self, req: CompletionRequest, events: EventSink) -> Job:
         return self._job(req, False, self._text_prompt(req), None, events)
@@ -106,15 +137,23 @@ class API:
         self._check_ids(ids, "tokens")
         return {"prompt": self.tok.decode(ids)}
 
-    def _chat_prompt(self, req: ChatPrompt) -> tuple[list[int], str]:
-        """The ids of the messages rendered by the model's chat template, and that text."""
-        messages = [{**m.model_dump(exclude_none=True), "role": m.role if m.role != "developer" else "system"}
-                    for m in req.messages]
+    def _chat_prompt(self, req: ChatPrompt) -> tuple[list[int], str, ToolRequest]:
+        """The ids of the messages (and tools) rendered by the model's chat template, that text, and the
+        request's tool fields. A forced XML call starts in the prompt, without thinking (ToolRequest.prefix)."""
         try:
-            text = self.tok.render_chat(messages, enable_thinking=req.thinking())
+            tools = tool_request(req.model_dump(include={"tools", "tool_choice", "parallel_tool_calls"}),
+                                 tool_format(self.tok.chat_template))
+            messages = [template_message({**m.model_dump(exclude_none=True),
+                                          "role": m.role if m.role != "developer" else "system"}, i)
+                        for i, m in enumerate(req.messages)]
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from None
+        try:
+            text = self.tok.render_chat(messages, enable_thinking=req.thinking() and not tools.prefix,
+                                        tools=tools.prompt_tools) + tools.prefix
         except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or a jinja error
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-        return self.tok.encode(text), text
+        return self.tok.encode(text), text, tools
 
     def _text_prompt(self, req: TextPrompt) -> list[int]:
         if isinstance(req.prompt, str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dmoe.constraints import Constraint
 from dmoe.engine import Engine
 from dmoe.sampling import Sampler, SamplingParams, candidates
 from dmoe.tokenizer import StreamDecoder, Tokenizer
@@ -70,9 +71,10 @@ class Generation:
 
     def __init__(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int, max_seq_len: int,
                  cached: Sequence[int] = (), stop_ids: frozenset[int] = frozenset(),
-                 stats: GenerationStats | None = None) -> None:
+                 stats: GenerationStats | None = None, constraint: Constraint | None = None) -> None:
         """cached: the ids already in the sequence's KV cache slot; their common prefix with the prompt is
-        reused (`keep`: truncate the slot to it before the first step)."""
+        reused (`keep`: truncate the slot to it before the first step). constraint: a grammar the tokens keep
+        (constraints.py); it needs each step's whole logits row."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= max_seq_len:
@@ -84,7 +86,8 @@ class Generation:
         self.stats.prompt_tokens, self.stats.cached_tokens = len(prompt), self.keep
         self.max_tokens, self.max_seq_len, self.stop_ids = max_tokens, max_seq_len, stop_ids
         self.sampler = Sampler(params)
-        self.top = candidates(params)  # the logits each step needs: see Engine.step
+        self.constraint = constraint
+        self.top = 0 if constraint is not None else candidates(params)  # the logits each step needs: Engine.step
         self.history = np.empty(len(prompt) + max_tokens, np.int64)  # prompt then output, for the repetition penalty
         self.history[:len(prompt)] = prompt
         self.n_prompt, self.n_generated = len(prompt), 0
@@ -106,7 +109,11 @@ class Generation:
         now = time.perf_counter()
         self.stats.token_times.append(now)
         n = self.n_prompt + self.n_generated
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         token = self.sampler(logits, self.history[:n])
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.history[n] = token
         self.n_generated += 1
         self.stats.generated_tokens = self.n_generated
@@ -114,8 +121,8 @@ class Generation:
             self._first = now
             self.stats.prefill_seconds = now - self._started
         self.stats.decode_seconds = now - self._first
-        if token in self.stop_ids:
-            self.stats.finish_reason, self.done = "stop", True
+        if token in self.stop_ids or (self.constraint is not None and self.constraint.done):
+            self.stats.finish_reason, self.done = "stop", True  # a finished grammar allows only an end of turn
         elif self.n_generated >= self.max_tokens or n + 1 > self.max_seq_len:
             self.stats.finish_reason, self.done = "length", True
         else:

@@ -140,6 +140,7 @@ class ChatPrompt(_Strict):
     enable_thinking: bool | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def thinking(self) -> bool:
         flag = self.chat_template_kwargs.get("enable_thinking", self.enable_thinking)
@@ -166,7 +167,6 @@ class TextPrompt(_Strict):
 
 class ChatCompletionRequest(ChatPrompt, _GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
-    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
     def length_param(self) -> tuple[str, int | None]:

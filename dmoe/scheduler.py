@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dmoe.constraints import Constraint
 from dmoe.engine import Engine
 from dmoe.generation import Generation, GenerationStats, shared_prefix
 from dmoe.reasoning import ReplyText
 from dmoe.sampling import SamplingParams
+from dmoe.toolcalls import ToolCallParser
 
 STEP_TOKENS = 256  # tokens per step at most, decodes first: bounds how long a prompt's chunk delays the others
 IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
@@ -32,11 +34,12 @@ IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
 class Delta:
     reasoning: str
     content: str
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's streamed tool-call deltas
 
 
 @dataclass
 class Finish:
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length" or "tool_calls"
     usage: dict[str, Any]
 
 
@@ -65,6 +68,8 @@ class Job:
     stop: list[str]
     thinking: bool | None  # where the reasoning split starts; None = no split (completions)
     ignore_eos: bool = False  # generate through end-of-turn tokens (vLLM's extension; benchmarks)
+    tool_calls: ToolCallParser | None = None  # reads calls out of the answer (a request with tools)
+    constraint: Constraint | None = None  # a grammar the reply keeps (response_format, a forced tool call)
     submitted: float = field(default_factory=time.perf_counter)
     events: EventSink = field(default_factory=queue.Queue)
     cancelled: bool = False  # the client went away
@@ -122,7 +127,8 @@ class Scheduler:
             engine = self.engine
             try:
                 gen = Generation(job.prompt, job.params, job.max_tokens, engine.max_seq_len, engine.slots[slot],
-                                 frozenset() if job.ignore_eos else engine.tokenizer.eos_ids)
+                                 frozenset() if job.ignore_eos else engine.tokenizer.eos_ids,
+                                 constraint=job.constraint)
             except ValueError as e:
                 job.events.put(Failed(400, str(e)))
                 self.ended(job, "error", GenerationStats())
@@ -170,21 +176,34 @@ class Scheduler:
             token = r.gen.advance(lg[-1])
             if token is None:
                 continue
-            delta = r.text.feed(token)
-            if delta:
-                r.job.events.put(Delta(*delta))
-            if r.gen.done or r.text.stopped:
+            self._emit(r, r.text.feed(token))
+            calls = r.job.tool_calls
+            if r.gen.done or r.text.stopped or (calls is not None and calls.done):
                 self._finish(r)
+
+    @staticmethod
+    def _emit(r: _Running, text: tuple[str, str] | None, final: bool = False) -> None:
+        """Send the new text (reasoning, answer), with the answer's tool calls read out of it when the request
+        has tools; `final`: the reply's end, where the parser gives what it held back."""
+        reasoning, content = text or ("", "")
+        calls = []
+        parser = r.job.tool_calls
+        if parser is not None:
+            events = parser.feed(content) + (parser.finish() if final else [])
+            content = "".join(e for e in events if isinstance(e, str))
+            calls = [e for e in events if isinstance(e, dict)]
+        if reasoning or content or calls:
+            r.job.events.put(Delta(reasoning, content, calls))
 
     def _finish(self, r: _Running) -> None:
         self.running.remove(r)
         stats = r.gen.stats
         if r.text.stopped:
             stats.finish_reason = "stop"
-        tail = r.text.finish()
-        if tail:
-            r.job.events.put(Delta(*tail))
-        r.job.events.put(Finish(stats.finish_reason, {
+        self._emit(r, r.text.finish(), final=True)
+        parser = r.job.tool_calls
+        called = parser is not None and parser.calls > 0 and (stats.finish_reason == "stop" or parser.done)
+        r.job.events.put(Finish("tool_calls" if called else stats.finish_reason, {
             "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
             "total_tokens": stats.prompt_tokens + stats.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}))

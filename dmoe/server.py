@@ -45,6 +45,7 @@ from dmoe.api import API, parse
 from dmoe.engine import Engine
 from dmoe.openai_types import APIError, ChatCompletionRequest, CompletionRequest
 from dmoe.scheduler import Delta, Failed, Finish, Job, Scheduler
+from dmoe.toolcalls import assemble
 
 MAX_BODY_BYTES = 32 << 20
 DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped, so that its sender gets our reply
@@ -170,10 +171,12 @@ class _Reply:
         deltas = [e for e in events if isinstance(e, Delta)]
         end = events[-1]
         assert isinstance(end, Finish)
-        content = "".join(d.content for d in deltas)
+        content, calls = assemble([part for d in deltas for part in (d.content, *d.tool_calls)])
         if self.chat:
-            message = {"role": "assistant", "content": content,
+            message = {"role": "assistant", "content": content or (None if calls else ""),
                        "reasoning_content": "".join(d.reasoning for d in deltas) or None}
+            if calls:
+                message["tool_calls"] = calls
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.reason}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": end.reason}
@@ -187,6 +190,8 @@ class _Reply:
                 delta["reasoning_content"] = event.reasoning
             if isinstance(event, Delta) and event.content:
                 delta["content"] = event.content
+            if isinstance(event, Delta) and event.tool_calls:
+                delta["tool_calls"] = event.tool_calls
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             text = event.content if isinstance(event, Delta) else ""
@@ -280,7 +285,7 @@ async def _stream(job: Job, events: _Events, request: Request, reply: _Reply, fi
                     if include_usage:
                         yield _sse(reply.usage_chunk(event.usage))
                     break
-                if event.reasoning or event.content:
+                if event.reasoning or event.content or event.tool_calls:
                     yield _sse(reply.chunk(event))
                 event = await events.next(job, request)
         except APIError as e:

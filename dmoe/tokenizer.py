@@ -153,6 +153,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that build their own view of the vocabulary)."""
+        return self._hf.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
 

@@ -12,8 +12,9 @@ over a whole reply, so a streamed reply reassembles to exactly the non-streamed 
 
 `tool_choice: "none"` leaves the tools out of the prompt (vLLM's --exclude-tools-when-tool-choice-none):
 the model is then not told it can call anything, rather than told and then not listened to; its text is
-all content. `"required"` and a named function are kept by starting the reply with the opening of a call
-(`ToolRequest.prefix`), as this engine has no constrained decoding.
+all content. `"required"` and a named function are kept by a grammar for Qwen3's JSON calls
+(constraints.py), and for Qwen3-Coder's XML calls by starting the reply with the opening of a call
+(`ToolRequest.prefix`).
 """
 
 from __future__ import annotations
@@ -84,17 +85,18 @@ class ToolRequest:
         return self.tools if self.active else None
 
     @property
+    def forced(self) -> bool:
+        """The reply must be a call: tool_choice is "required" or names a function."""
+        return self.active and self.choice != "auto"
+
+    @property
     def prefix(self) -> str:
-        """Text to append to the rendered prompt so the reply starts inside a call ("" unless tool_choice is
-        "required" or a function). Render that prompt with enable_thinking=False: Qwen3 then has its empty
-        think block behind it, as when it calls a tool without thinking."""
-        if not self.active or self.choice == "auto":
+        """Text to append to the rendered prompt so that a forced reply starts inside a call, for Qwen3-Coder's
+        XML calls; "" otherwise (Qwen3's JSON calls are forced by a grammar: constraints.py). Render that
+        prompt with enable_thinking=False: Qwen3 then has its empty think block behind it."""
+        if not self.forced or self.fmt != "qwen3_coder_xml":
             return ""
-        if self.choice == "required":
-            return CALL_OPEN + "\n"
-        if self.fmt == "qwen3_coder_xml":
-            return f"{CALL_OPEN}\n<function={self.function}>\n"
-        return f'{CALL_OPEN}\n{{"name": {json.dumps(self.function)}, "arguments": '
+        return f"{CALL_OPEN}\n" + (f"<function={self.function}>\n" if self.choice == "function" else "")
 
     def parser(self) -> ToolCallParser | None:
         """A parser for this request's reply, already fed `prefix`; None when no call is to be parsed."""

@@ -438,6 +438,104 @@ def test_soak(server: Server) -> None:
         assert after <= before + (64 if what == "rss MB" else 0), (what, before, after)
 
 
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                  "required": ["city", "days"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                                 "parameters": WEATHER_SCHEMA}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_forced_tool_calls_are_valid_and_stream_the_same(server: Server, choice: Any) -> None:
+    """Even a random model, made to call a tool, gives a call to a given tool with arguments valid for its schema
+    (the grammar holds it); streamed, the deltas reassemble to the same call."""
+    import jsonschema
+
+    client = server.client()
+    kw: dict[str, Any] = dict(tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice, max_tokens=96,
+                              extra_body=NO_THINKING, **GREEDY)
+    r = chat(client, "What is the weather in Paris?", **kw)
+    assert r.choices[0].finish_reason == "tool_calls", r
+    calls = r.choices[0].message.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    if isinstance(choice, dict):
+        assert {c.function.name for c in calls} == {"get_weather"}
+    streamed: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in chat(client, "What is the weather in Paris?", stream=True, **kw):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            got = streamed.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            got["id"] += d.id or ""
+            got["name"] += d.function.name or ""
+            got["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(s["name"], s["arguments"]) for _, s in sorted(streamed.items())] == \
+        [(c.function.name, c.function.arguments) for c in calls]
+    assert all(s["id"].startswith("call_") for s in streamed.values())
+
+
+def test_response_format_json_schema_and_object(server: Server) -> None:
+    """json_schema (strict) output validates against the schema, at temperature 0 and sampled; json_object is a
+    JSON object; and the usual answer comes back when thinking is on and the model never closes it."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3}},
+        "required": ["name", "ok", "tags"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    for sampling in (GREEDY, {"temperature": 1.0, "seed": 7}):
+        r = chat(server.client(), "Describe a thing.", response_format=fmt, max_tokens=96, extra_body=NO_THINKING,
+                 **sampling)
+        assert r.choices[0].finish_reason == "stop", r
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # any object: a random model's keys can run on to max_tokens; this prompt's greedy answer ends (a fixed model)
+    r = chat(server.client(), "Hi", response_format={"type": "json_object"}, max_tokens=96,
+             extra_body=NO_THINKING, **GREEDY)
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_bad_tools_and_schemas_get_400s(server: Server) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+            {"role": "user", "content": "Hi"}]}, "messages[0].tool_calls[0].function.arguments"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ]
+    for extra, param in cases:
+        status, answer = server.request("POST", "/v1/chat/completions", {"messages": msgs, **extra})
+        assert (status, answer["error"]["param"]) == (400, param), (extra, answer)
+
+
+def test_tool_history_renders_as_transformers(server: Server, tok: Tokenizer) -> None:
+    """A conversation with tool calls and tool results, as an OpenAI client sends it, is the prompt that
+    transformers' apply_chat_template makes of it (read back through /tokenize)."""
+    import tokenizers
+    from test_toolcalls import HF_CHAT, HF_MORE, OPENAI_CHAT, OPENAI_MORE, TOOLS
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(tok.to_json()))
+    expected = hf.apply_chat_template(HF_CHAT + HF_MORE, tools=TOOLS, chat_template=qwen3_chat_template(),
+                                      tokenize=False, add_generation_prompt=True)
+    status, answer = server.request("POST", "/tokenize", {"messages": OPENAI_CHAT + OPENAI_MORE, "tools": TOOLS})
+    assert status == 200, answer
+    assert tok.decode(answer["tokens"], skip_special_tokens=False) == expected
+
+
 def test_sigterm_ends_streams_with_an_error_and_stops_cleanly(server: Server) -> None:
     """SIGTERM mid-stream: the stream ends with a 503 error event (the openai client raises it), not a reset
     connection; the server exits 0."""
