@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from dmoe.constraints import Constraint, json_grammar, tool_call_grammar
+from dmoe.constraints import Constraint, ConstraintError, reply_constraint
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats
 from dmoe.metrics import ServerMetrics
@@ -90,35 +90,11 @@ class API:
         return job
 
     def _constraint(self, req: ChatCompletionRequest, tools: ToolRequest, text: str) -> Constraint | None:
-        """The grammar a reply must keep: a response_format's JSON, or a forced call in Qwen3's JSON format
-        (Qwen3-Coder's XML calls are forced by their opening in the prompt instead: ToolRequest.prefix)."""
-        fmt = req.response_format or {"type": "text"}
-        kind = fmt.get("type")
-        forced = tools.forced and tools.fmt == "qwen3_json"
-        if kind == "text" and not forced:
-            return None
-        if kind != "text" and tools.forced:
-            raise APIError(400, "'response_format' cannot be combined with a forced tool call", "response_format")
-        if kind == "json_object":
-            answer, param = json_grammar(None), "response_format"
-        elif kind == "json_schema":
-            spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                raise APIError(400, "response_format.json_schema must be an object with a 'schema' object",
-                               "response_format.json_schema")
-            answer, param = json_grammar(spec.get("schema", {})), "response_format.json_schema.schema"
-        elif kind == "text":
-            chosen = [t for t in tools.tools if tools.function in (None, t["function"]["name"])]
-            answer, param = tool_call_grammar(self.tok, chosen, tools.parallel), "tools"
-        else:
-            raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema', got "
-                           f"{kind!r}", "response_format.type")
-        template = self.tok.chat_template or ""
-        think = "<think>" in template and req.thinking() and not text.endswith("</think>\n\n")
         try:
-            return Constraint(self.tok, self.engine.config.vocab_size, answer, think, opens_thinking(text))
-        except ValueError as e:
-            raise APIError(400, f"the grammar cannot be built: {e}", param) from None
+            return reply_constraint(self.tok, self.engine.config.vocab_size, text, req.thinking(), tools,
+                                    req.response_format)
+        except ConstraintError as e:
+            raise APIError(400, str(e), e.param) from None
 
     def completion_job(self, req: CompletionRequest, events: EventSink) -> Job:
         return self._job(req, False, self._text_prompt(req), None, events)

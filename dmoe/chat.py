@@ -10,19 +10,28 @@ its old thinking, which would also fill the context.
 
 Qwen3's soft switches: `/think` or `/no_think` in a message decides that turn (the last one written
 wins); the tag stays in the message, as the model was trained to read it there.
+
+With --tools (a JSON file of OpenAI `tools`), the model may call them: each call is shown as it is written,
+then you type its result, and the model goes on with the results in its context (the server's parser and,
+for --tool-choice required, its grammar).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import signal
 import sys
 from typing import Any, TextIO
 
+from dmoe.constraints import Constraint, reply_constraint
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats
 from dmoe.reasoning import opens_thinking, reply_deltas
+from dmoe.tokenizer import Tokenizer
+from dmoe.toolcalls import ToolCallParser, ToolError, ToolRequest, assemble, template_message, tool_format, tool_request
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 _SWITCH = re.compile(r"/(no_)?think\b")
@@ -55,11 +64,33 @@ class _Display:
             self.out.write(answer)
         self.out.flush()
 
+    def tool_call(self, event: dict[str, Any]) -> None:
+        """A tool-call delta: its name when it opens, then its arguments as they come."""
+        if "id" in event:
+            self.write("", f"{chr(10) if self.section == 'answer' else ''}[tool call] {event['function']['name']} ")
+        self.write("", event["function"]["arguments"])
+
     def end(self, note: str = "") -> None:
         if self.section == "thinking" and self.tty:
             self.out.write(RESET)
         self.out.write(note + "\n")
         self.out.flush()
+
+
+def load_tools(path: str | None, choice: str, tok: Tokenizer) -> ToolRequest:
+    """--tools FILE (a JSON array of OpenAI tools) and --tool-choice, checked as the server checks them."""
+    tools = None
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tools = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--tools {path}: cannot read a JSON array of tools: {e}") from None
+    try:
+        return tool_request({"tools": tools, "tool_choice": choice if tools else None},
+                            tool_format(tok.chat_template))
+    except ToolError as e:
+        raise ValueError(f"--tools {path}: {e}") from None
 
 
 def run_chat(args: argparse.Namespace, engine: Engine) -> int:
@@ -68,6 +99,7 @@ def run_chat(args: argparse.Namespace, engine: Engine) -> int:
     tok = engine.tokenizer
     if tok is None or tok.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; chat needs one")
+    tools = load_tools(args.tools, args.tool_choice, tok)
     system: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     # mpirun hands rank 0 pipes, not the terminal: show the prompt there too (but never ANSI, see _Display)
@@ -91,43 +123,80 @@ def run_chat(args: argparse.Namespace, engine: Engine) -> int:
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        try:
-            rendered = tok.render_chat(messages, enable_thinking=turn_thinking(text, args.think))
-            ids = tok.encode(rendered)
-        except Exception as e:  # noqa: BLE001 - the template (the file's code) failed on this turn: drop the turn
-            messages.pop()
-            print(f"dmoe: the chat template cannot render this turn ({type(e).__name__}: {e}); say it another "
-                  "way, or /reset", file=sys.stderr, flush=True)
-            continue
-        if len(ids) >= engine.max_seq_len:
-            messages.pop()
-            print(f"dmoe: the conversation ({len(ids)} tokens) no longer fits the context ({engine.max_seq_len}, "
-                  "--max-seq-len); /reset starts a new one", file=sys.stderr, flush=True)
-            continue
-        answer = _answer(args, engine, ids, opens_thinking(rendered))
-        messages.append({"role": "assistant", "content": answer})
+        turn_tools = tools
+        while True:  # the model's answer; again after the results of the tools it called
+            try:
+                calls = _model_turn(args, engine, messages, turn_thinking(text, args.think), turn_tools)
+            except EOFError:  # no result given for a call: the session ends, as at the prompt
+                return 0
+            if not calls:
+                break
+            turn_tools = dataclasses.replace(tools, choice="auto", function=None)  # forced once, then free
 
 
-def _answer(args: argparse.Namespace, engine: Engine, ids: list[int], thinking: bool) -> str:
-    """Generate and show one answer; returns its text without the thinking (what the history keeps)."""
+def _model_turn(args: argparse.Namespace, engine: Engine, messages: list[dict[str, Any]], thinking: bool,
+                tools: ToolRequest) -> list[dict[str, Any]]:
+    """Render the conversation, answer, and add the answer (and the results of the tools it called, typed in)
+    to `messages`; returns the calls. A turn the template or the context cannot take is dropped."""
+    tok = engine.tokenizer
+    assert tok is not None
+    try:
+        rendered = tok.render_chat([template_message(m, i) for i, m in enumerate(messages)],
+                                   enable_thinking=thinking and not tools.prefix,
+                                   tools=tools.prompt_tools) + tools.prefix
+        ids = tok.encode(rendered)
+        constraint = reply_constraint(tok, engine.config.vocab_size, rendered, thinking, tools, None)
+    except Exception as e:  # noqa: BLE001 - the template (the file's code) failed: drop the turn
+        messages.pop()
+        print(f"dmoe: the chat template cannot render this turn ({type(e).__name__}: {e}); say it another "
+              "way, or /reset", file=sys.stderr, flush=True)
+        return []
+    if len(ids) >= engine.max_seq_len:
+        messages.pop()
+        print(f"dmoe: the conversation ({len(ids)} tokens) no longer fits the context ({engine.max_seq_len}, "
+              "--max-seq-len); /reset starts a new one", file=sys.stderr, flush=True)
+        return []
+    answer, calls = _answer(args, engine, ids, opens_thinking(rendered), constraint, tools.parser())
+    messages.append({"role": "assistant", "content": answer, **({"tool_calls": calls} if calls else {})})
+    for call in calls:
+        result = input(f"{call['function']['name']} result> ")
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    return calls
+
+
+def _answer(args: argparse.Namespace, engine: Engine, ids: list[int], thinking: bool,
+            constraint: Constraint | None = None, parser: ToolCallParser | None = None
+            ) -> tuple[str, list[dict[str, Any]]]:
+    """Generate and show one answer; returns its text without the thinking (what the history keeps) and the
+    tool calls read out of it."""
     stats = GenerationStats()
     display = _Display(sys.stdout)
-    parts: list[str] = []
+    events: list[str | dict[str, Any]] = []
     interrupted = False
 
     def on_ctrl_c(*_: object) -> None:  # finish the current token, so that every rank stays in step
         nonlocal interrupted
         interrupted = True
 
+    def show(new: list[str | dict[str, Any]]) -> None:
+        for event in new:
+            if isinstance(event, str):
+                display.write("", event)
+            else:
+                display.tool_call(event)
+        events.extend(new)
+
     old = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         for reasoning, answer in reply_deltas(engine, ids, args.sampling, args.steps, stats, thinking=thinking,
-                                              interrupted=lambda: interrupted):
-            display.write(reasoning, answer)
-            parts.append(answer)
+                                              interrupted=lambda: interrupted, constraint=constraint):
+            display.write(reasoning, "")
+            show([answer] if parser is None else parser.feed(answer))
+        if parser is not None:
+            show(parser.finish())
     finally:
         signal.signal(signal.SIGINT, old)
     display.end(" [interrupted]" if interrupted else "")
     if args.verbose:
         print(f"dmoe: {stats.summary()}", file=sys.stderr, flush=True)
-    return "".join(parts)
+    return assemble(events)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(c)
     sampling_args(c)
     chat_args(c)
+    c.add_argument("--tools", help="a JSON file of OpenAI tools the model may call (you type each call's result)")
+    c.add_argument("--tool-choice", choices=("auto", "required", "none"), default="auto",
+                   help="with --tools: auto (default), required (the first answer of a turn must call one), none")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API on rank 0")
     model_args(s)

@@ -22,7 +22,9 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
+from dmoe.reasoning import opens_thinking
 from dmoe.tokenizer import Tokenizer
+from dmoe.toolcalls import ToolRequest
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "<think>", "</think>", "<tool_call>", "</tool_call>"
@@ -104,3 +106,45 @@ class Constraint:
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+
+
+class ConstraintError(ValueError):
+    """A response_format or tool set no grammar can be made of; `param` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def reply_constraint(tok: Tokenizer, rows: int, prompt: str, thinking: bool, tools: ToolRequest,
+                     response_format: Mapping[str, Any] | None) -> Constraint | None:
+    """The grammar a chat reply must keep, if any: a response_format's JSON, or a forced call in Qwen3's JSON
+    format (Qwen3-Coder's XML calls are forced by their opening in the prompt instead: ToolRequest.prefix).
+    prompt: the rendered prompt (does it leave the model inside a think block, or after an empty one?);
+    thinking: whether the request lets the model think."""
+    fmt = response_format or {"type": "text"}
+    kind = fmt.get("type")
+    forced = tools.forced and tools.fmt == "qwen3_json"
+    if kind == "text" and not forced:
+        return None
+    if kind != "text" and tools.forced:
+        raise ConstraintError("'response_format' cannot be combined with a forced tool call", "response_format")
+    if kind == "json_object":
+        answer, param = json_grammar(None), "response_format"
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ConstraintError("response_format.json_schema must be an object with a 'schema' object",
+                                  "response_format.json_schema")
+        answer, param = json_grammar(spec.get("schema", {})), "response_format.json_schema.schema"
+    elif kind == "text":
+        chosen = [t for t in tools.tools if tools.function in (None, t["function"]["name"])]
+        answer, param = tool_call_grammar(tok, chosen, tools.parallel), "tools"
+    else:
+        raise ConstraintError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                              "response_format.type")
+    may_think = THINK_OPEN in (tok.chat_template or "") and thinking and not prompt.endswith(THINK_CLOSE + "\n\n")
+    try:
+        return Constraint(tok, rows, answer, may_think, opens_thinking(prompt))
+    except ValueError as e:
+        raise ConstraintError(f"the grammar cannot be built: {e}", param) from None

@@ -8,13 +8,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dmoe.constraints import Constraint
 from dmoe.engine import Engine
 from dmoe.sampling import Sampler, SamplingParams, candidates
 from dmoe.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:  # constraints.py builds on generation's neighbours (reasoning.py): the type only, here
+    from dmoe.constraints import Constraint
 
 
 @dataclass
@@ -132,10 +135,10 @@ class Generation:
 
 def generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
              stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None,
-             interrupted: Callable[[], bool] = lambda: False) -> Iterator[int]:
+             interrupted: Callable[[], bool] = lambda: False, constraint: Constraint | None = None) -> Iterator[int]:
     """Yield generated ids, one sequence alone in the engine's slot 0 (a stop id is yielded too, and ends the
     generation). `stats` is filled in."""
-    gen = Generation(prompt, params, max_tokens, engine.max_seq_len, engine.tokens, stop_ids, stats)
+    gen = Generation(prompt, params, max_tokens, engine.max_seq_len, engine.tokens, stop_ids, stats, constraint)
     engine.truncate(gen.keep)
     comm0 = engine.comm.seconds
     try:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from dmoe.engine import Engine
 from dmoe.generation import GenerationStats, TextStream, generate, partial_suffix
 from dmoe.sampling import SamplingParams
 from dmoe.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from dmoe.constraints import Constraint
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -114,13 +118,15 @@ class ReplyText:
 
 def reply_deltas(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
                  stats: GenerationStats, stop: Sequence[str] = (), thinking: bool | None = None,
-                 interrupted: Callable[[], bool] = lambda: False) -> Iterator[tuple[str, str]]:
+                 interrupted: Callable[[], bool] = lambda: False,
+                 constraint: Constraint | None = None) -> Iterator[tuple[str, str]]:
     """One generation alone as (reasoning, answer) text increments (see ReplyText): it ends at an end-of-turn
-    token, a stop string, max_tokens or the context's end."""
+    token, a stop string, max_tokens, the context's end, or where `constraint`'s grammar ends."""
     tok = engine.tokenizer
     assert tok is not None, "text generation needs the model's tokenizer"
     text = ReplyText(tok, stop, thinking)
-    with contextlib.closing(generate(engine, prompt, params, max_tokens, tok.eos_ids, stats, interrupted)) as ids:
+    with contextlib.closing(generate(engine, prompt, params, max_tokens, tok.eos_ids, stats, interrupted,
+                                           constraint)) as ids:
         for token in ids:
             delta = text.feed(token)
             if delta:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import re
 import signal
@@ -85,12 +86,13 @@ def engine(text_model: Callable[..., str]) -> Engine:
 
 
 def talk(engine: Engine, lines: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-         think: bool = True, system: str | None = None) -> tuple[int, str, str]:
+         think: bool = True, system: str | None = None, tools: str | None = None, tool_choice: str = "auto",
+         steps: int = 6) -> tuple[int, str, str]:
     """Run a fresh chat on these input lines: (exit code, stdout, stderr)."""
     engine.reset()
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    args = argparse.Namespace(model="tiny", system=system, think=think, sampling=SamplingParams(), steps=6,
-                              verbose=True)
+    args = argparse.Namespace(model="tiny", system=system, think=think, sampling=SamplingParams(), steps=steps,
+                              verbose=True, tools=tools, tool_choice=tool_choice)
     code = run_chat(args, engine)
     out, err = capsys.readouterr()
     return code, out, err
@@ -176,6 +178,39 @@ def test_a_template_error_ends_only_its_turn(engine: Engine, monkeypatch: pytest
     stats = turns(err)
     assert code == 0 and "cannot render this turn" in err and "no booms" in err and "Traceback" not in err
     assert stats == [(len(prompt_ids(engine, [{"role": "user", "content": "Hi"}], True)), 0)]  # 'boom' is not kept
+
+
+def test_tool_calls_shown_and_their_results_asked_for(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--tools with --tool-choice required: the (random) model's first answer is a call, shown with its
+    arguments; the next input line is its result, and the model answers again with it in its context."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}]
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(tools))
+    prompts: list[list[int]] = []
+    real = dmoe.reasoning.generate
+
+    def recording(engine: Engine, prompt: list[int], *args: Any, **kw: Any) -> Iterator[int]:
+        prompts.append(list(prompt))
+        yield from real(engine, prompt, *args, **kw)
+
+    monkeypatch.setattr(dmoe.reasoning, "generate", recording)
+    code, out, err = talk(engine, ["Weather in Paris?", "21 degrees"], monkeypatch, capsys, think=False,
+                          tools=str(path), tool_choice="required", steps=48)
+    assert code == 0 and len(prompts) == 2, err
+    call = re.search(r"\[tool call\] get_weather (\{.*\})", out)
+    assert call is not None, out
+    assert set(json.loads(call.group(1))) == {"city"}
+    tok = engine.tokenizer
+    assert tok is not None
+    second = tok.decode(prompts[1])
+    assert "<tool_response>\n21 degrees\n</tool_response>" in second and '"name": "get_weather"' in second
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"type": "function", "function": {"name": "bad name!"}}]))
+    for given, why in ((tmp_path / "missing.json", "cannot read"), (bad, "name")):
+        with pytest.raises(ValueError, match=why):
+            talk(engine, ["Hi"], monkeypatch, capsys, tools=str(given))
 
 
 # ---- through a pipe, under mpirun -------------------------------------------------------------------------
