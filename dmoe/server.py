@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP API on the root, on Starlette and uvicorn: /v1/chat/completions, /v1/completions,
-/v1/models, /health, /metrics, and vLLM's /tokenize and /detokenize.
+/v1/models, /health, /metrics, and vLLM's /tokenize and /detokenize; and a chat page (chat_page.html) at /.
 
 uvicorn's event loop runs on a thread of its own; the engine runs on the caller of `serve` (the main thread,
 so that signals reach it), through the scheduler (scheduler.py), up to --parallel requests at once in shared
@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -52,7 +53,9 @@ DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped, 
 BODY_TIMEOUT_S = 120.0  # how long a client may take to send its body
 SHUTDOWN_WAIT_S = 5.0  # how long a stopping server lets its requests write their last words
 WAIT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
-PUBLIC = ("/health", "/metrics")  # unauthenticated: counts only, for a load balancer or a scraper
+# unauthenticated: counts only, for a load balancer or a scraper; and the chat page, which holds no data (it asks for
+# the key itself, for its requests)
+PUBLIC = ("/health", "/metrics", "/", "/index.html")
 
 
 class _Events:
@@ -202,6 +205,12 @@ class _Reply:
         return {**self._envelope([], True), "usage": usage}
 
 
+@functools.cache
+def _chat_page() -> bytes:
+    """The chat page (chat_page.html, package data), read on its first request."""
+    return (Path(__file__).parent / "chat_page.html").read_bytes()
+
+
 def build_app(api: API) -> Starlette:
     """The routes; wrapped by _Guard for keys, body limits and counts."""
 
@@ -211,6 +220,9 @@ def build_app(api: API) -> Starlette:
     async def metrics(request: Request) -> Response:
         data, content_type = api.metrics.render()
         return Response(data, 200, media_type=content_type)
+
+    async def page(request: Request) -> Response:
+        return Response(_chat_page(), 200, media_type="text/html; charset=utf-8")
 
     async def models(request: Request) -> Response:
         return _json(200, {"object": "list", "data": [api.model_card()]})
@@ -254,6 +266,7 @@ def build_app(api: API) -> Starlette:
         return _json(200, reply.whole(got))
 
     routes = [Route("/health", _answering(health)), Route("/metrics", _answering(metrics)),
+              Route("/", _answering(page)), Route("/index.html", _answering(page)),
               Route("/v1/models", _answering(models)), Route("/v1/models/{name:path}", _answering(model)),
               Route("/tokenize", _answering(tokenize), methods=["POST"]),
               Route("/detokenize", _answering(detokenize), methods=["POST"]),

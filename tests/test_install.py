@@ -1,5 +1,5 @@
-"""A real install: the wheel `pip install .` builds carries the demo model and the chat template, and gives a
-`dmoe` command that runs, alone and under mpirun, without the checkout."""
+"""A real install: the wheel `pip install .` builds carries the demo model, the chat template and the chat page,
+and gives a `dmoe` command that runs, alone and under mpirun, without the checkout."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ def test_the_wheel_installs_a_working_dmoe_command(tmp_path: Path) -> None:
     def run(*cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(cmd), capture_output=True, text=True, cwd=elsewhere, env=env, timeout=600)
 
-    where = run(str(bin_dir / "python"), "-c", "import dmoe, dmoe.qwen_tokenizer as q; print(dmoe.__file__); "
-                "print(len(q.qwen3_chat_template()))")
+    where = run(str(bin_dir / "python"), "-c", "import dmoe, dmoe.qwen_tokenizer as q, importlib.resources as r; "
+                "print(dmoe.__file__); print(len(q.qwen3_chat_template())); "
+                "print(len(r.files('dmoe').joinpath('chat_page.html').read_bytes()))")
     assert where.returncode == 0, where.stderr
-    path, template = where.stdout.split()
-    assert path.startswith(str(env_dir)) and int(template) > 1000
+    path, template, page = where.stdout.split()
+    assert path.startswith(str(env_dir)) and int(template) > 1000 and int(page) > 1000
     for launch in ([], ["mpirun", "-n", "2"]):
         r = run(*launch, str(bin_dir / "dmoe"), "--prompt", "A dictionary is", "--steps", "6", "--temperature", "0",
                 "--pack-cache", "off")
