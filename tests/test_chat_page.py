@@ -89,6 +89,13 @@ def wait_ended(browser: WebDriver, n: int) -> WebElement:
     return answer
 
 
+def started(browser: WebDriver) -> None:
+    """Wait until the first answer has some text. Polled often: the long answer that Stop or SIGTERM is to
+    interrupt takes a second or two to finish, and WebDriverWait's default poll takes half a second."""
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.02).until(
+        lambda d: assistants(d) and text(assistants(d)[0], ".content"))
+
+
 def text(answer: WebElement, part: str) -> str:
     """The exact text of an answer's part (.content, .thinking or .error): textContent, not the rendered text,
     which drops hidden elements and folds whitespace."""
@@ -159,7 +166,7 @@ def test_stop(browser: WebDriver, server: Server) -> None:
     """Stop ends a long answer where it got to; it stays in the conversation, and the page takes the next message."""
     open_page(browser, server, max_tokens=CONTEXT - 64)
     browser.find_element(By.ID, "input").send_keys("Talk for a long time.", Keys.ENTER)
-    WebDriverWait(browser, WAIT_S).until(lambda d: assistants(d) and text(assistants(d)[0], ".content"))
+    started(browser)
     browser.find_element(By.ID, "stop").click()
     stopped = wait_ended(browser, 1)
     assert stopped.get_attribute("data-state") == "stopped"
@@ -190,9 +197,10 @@ def test_an_error_mid_stream_shows(browser: WebDriver, server: Server) -> None:
     the page shows its message. Last: it stops the module's server."""
     open_page(browser, server, max_tokens=CONTEXT - 64)
     browser.find_element(By.ID, "input").send_keys("Talk for a long time.", Keys.ENTER)
-    WebDriverWait(browser, WAIT_S).until(lambda d: assistants(d) and text(assistants(d)[0], ".content"))
+    started(browser)
     server.proc.send_signal(signal.SIGTERM)
     answer = wait_ended(browser, 1)
     assert answer.get_attribute("data-state") == "error"
     assert "shutting down" in text(answer, ".error")
-    assert server.stop() == 0
+    # wait, not server.stop(): a second SIGTERM after serve() has put the default handler back kills the process
+    assert server.proc.wait(timeout=60) == 0
