@@ -545,7 +545,7 @@ def test_sigterm_ends_streams_with_an_error_and_stops_cleanly(server: Server) ->
     with pytest.raises(openai.APIError, match="shutting down"):
         for _ in stream:
             pass
-    assert server.stop() == 0
+    assert server.proc.wait(30) == 0  # a second signal (stop) could land after the handlers are put back
     assert "server stopped" in server.log_text()
 
 
