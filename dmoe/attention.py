@@ -2,7 +2,9 @@
 
 The cache is [P, Hkv, S, D] per layer (P sequence slots), f32 or f16. numba has no float16, so the f16
 cache holds IEEE half bit patterns in uint16 (written with numpy's correctly rounded cast) and rows are
-widened in registers by bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower).
+widened by integer bit arithmetic that LLVM vectorises (a table lookup would not vectorise: 10x slower): sign,
+exponent and mantissa moved to their f32 places give the value times 2^-112, and that factor is folded into
+the query and the softmax weights once per head instead of multiplied into every element (1.2x at depth).
 A step's tokens may belong to several sequences (a batch): each token carries its slot and position.
 Work is split by (token, KV head): each K and V row is read once for the whole group of query heads
 that share it. A one-sequence prefill widens its f16 cache to f32 once per layer first (widen), since it
@@ -50,19 +52,28 @@ def _row_f32(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
 
 @overload(_row_f32)
 def _row_f32_impl(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
-    """cache[slot, kvh, j] as float32: the row itself (f32 cache) or widened into `bits` (f16 bits in uint16).
-    Finite halves only (a KV cache never holds inf or NaN)."""
+    """cache[slot, kvh, j] as float32 divided by _unit(cache): the row itself (f32 cache), or its f16 bits (in
+    uint16) moved to f32 places in `bits`. Finite halves only (a KV cache never holds inf or NaN)."""
     if isinstance(cache.dtype, types.Integer):
         def widen(cache, slot, kvh, j, bits):  # type: ignore[no-untyped-def]
             row = cache[slot, kvh, j]
             for i in range(row.shape[0]):
-                bits[i] = np.uint32(row[i] & 0x7FFF) << np.uint32(13)
-            f = bits.view(np.float32)
-            for i in range(row.shape[0]):
-                f[i] *= _TWO112 * np.float32(1 - 2 * np.int32(row[i] >> 15))
-            return f
+                h = np.uint32(row[i])
+                bits[i] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+            return bits.view(np.float32)
         return widen
     return lambda cache, slot, kvh, j, bits: cache[slot, kvh, j]
+
+
+def _unit(cache):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # numba code only: see the overload
+
+
+@overload(_unit)
+def _unit_impl(cache):  # type: ignore[no-untyped-def]
+    """What a _row_f32 value is to be multiplied by: 2^112 for f16 bits, 1 for f32."""
+    unit = _TWO112 if isinstance(cache.dtype, types.Integer) else np.float32(1.0)
+    return lambda cache: unit
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -73,7 +84,8 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
     reading each KV head; scores [threads, G, S] and bits [threads, D] are per-thread scratch."""
     T = q.shape[0]
     _, n_kv, _, D = k_cache.shape
-    scale = np.float32(1.0 / math.sqrt(D))
+    scale = np.float32(1.0 / math.sqrt(D)) * _unit(k_cache)
+    v_unit = _unit(v_cache)
     for task in numba.prange(T * n_kv):
         # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
         # the causal mask, so prange's equal contiguous chunks of tasks are equal work
@@ -100,7 +112,7 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
                 e = np.exp(sc[g, j] - mx)
                 sc[g, j] = e
                 total += e
-            inv = np.float32(1.0) / total
+            inv = np.float32(1.0) / total * v_unit
             for j in range(n):
                 sc[g, j] *= inv
             out[t, (h0 + g) * D:(h0 + g + 1) * D] = 0.0
