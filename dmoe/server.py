@@ -10,7 +10,8 @@ fails after its first token ends with an error event.
 
 Honoured: temperature, top_p, top_k (-1 or 0 = off), min_p, repetition_penalty (HF's), seed,
 max_tokens / max_completion_tokens (default: --steps, within the context), stop, stream,
-stream_options.include_usage, enable_thinking (in chat_template_kwargs or at the top level), and vLLM's
+stream_options.include_usage, enable_thinking (in chat_template_kwargs or at the top level), tools,
+tool_choice, parallel_tool_calls, response_format (api.py, toolcalls.py, constraints.py), and vLLM's
 ignore_eos. Values this engine cannot honour (n > 1, logprobs, frequency/presence penalties, logit_bias,
 echo...) are refused with a 400 rather than ignored; fields it does not know are ignored.
 """
