@@ -423,7 +423,7 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
             print(f"dmoe: {clients} concurrent streams: {served['aggregate_tok_s']:.1f} tok/s in all (decode "
                   f"{served['decode_tok_s']:.1f}), time to first token {served['ttft_p50_ms']:.0f} ms (median), "
                   f"between tokens {served['itl_p50_ms']:.1f} ms (p50) {served['itl_p99_ms']:.1f} ms (p99)")
-    result["peak_rss_gb_per_rank"] = engine.peak_rss_per_rank()
+    result["peak_rss_gb_per_rank"] = [rss for rss, _ in engine.rank_report()]
     if args.json:
         print(json.dumps(result))
     return 0

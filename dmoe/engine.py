@@ -38,7 +38,7 @@ class Command(enum.IntEnum):
 
     FORWARD = 1  # a step: a = tokens, b = sequences, c = all logits, d = top; then its sequences and ids
     STOP = 2  # leave serve_forever
-    REPORT = 3  # answer an allgather of peak memory
+    REPORT = 3  # answer an allgather of peak memory and time in collectives
 
 
 class ContextFullError(ValueError):
@@ -212,10 +212,14 @@ class Engine:
         for slot in range(self.parallel):
             self.truncate(0, slot)
 
-    def peak_rss_per_rank(self) -> list[float]:
-        """Every rank's peak resident memory so far, in GB (a collective: workers answer too)."""
+    def rank_report(self) -> list[tuple[float, float]]:
+        """Every rank's (peak resident memory so far in GB, seconds in collectives): a collective, workers
+        answer too."""
         self._command(Command.REPORT)
-        return self.comm.allgather_obj(_peak_rss_gb())
+        return self.comm.allgather_obj(self._report())
+
+    def _report(self) -> tuple[float, float]:
+        return _peak_rss_gb(), self.comm.seconds
 
     def close(self) -> None:
         """Release the workers (they return from `serve_forever`)."""
@@ -244,7 +248,7 @@ class Engine:
             if command == Command.STOP:
                 return
             if command == Command.REPORT:
-                self.comm.allgather_obj(_peak_rss_gb())
+                self.comm.allgather_obj(self._report())
             elif command == Command.FORWARD:
                 self._step(np.zeros((b, 3), np.int64), np.zeros(a, np.int64), bool(c), d)
             else:

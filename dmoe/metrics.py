@@ -29,6 +29,10 @@ class ServerMetrics:
         self._ttft = Histogram("dmoe_time_to_first_token_seconds", "From a request's arrival to its first token",
                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
                                registry=self.registry)
+        self._rank_comm = Gauge("dmoe_rank_comm_seconds", "Each rank's time in collectives since it started (read "
+                                "every few seconds while serving)", ["rank"], registry=self.registry)
+        self._rank_rss = Gauge("dmoe_rank_peak_rss_gigabytes", "Each rank's peak resident memory", ["rank"],
+                               registry=self.registry)
         self._itl = Histogram("dmoe_inter_token_latency_seconds", "Between a stream's consecutive tokens",
                               buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
                               registry=self.registry)
@@ -45,6 +49,12 @@ class ServerMetrics:
             ("dmoe_root_comm_seconds", "Rank 0's time in collectives since it started", comm_seconds),
         ):
             Gauge(name, doc, registry=self.registry).set_function(read)
+
+    def ranks(self, report: Sequence[tuple[float, float]]) -> None:
+        """Every rank's (peak resident GB, seconds in collectives), from Engine.rank_report."""
+        for rank, (rss, comm) in enumerate(report):
+            self._rank_rss.labels(str(rank)).set(rss)
+            self._rank_comm.labels(str(rank)).set(comm)
 
     def response(self, path: str, status: int | None) -> None:
         """Count one request's answer (unknown paths as 'other', so that scanners cannot grow the labels)."""

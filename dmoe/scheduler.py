@@ -100,14 +100,17 @@ class Scheduler:
         started = self._step_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def run(self, jobs: queue.Queue[Job], stopping: threading.Event) -> None:
-        """Until `stopping` is set; then every running job gets a 503."""
+    def run(self, jobs: queue.Queue[Job], stopping: threading.Event,
+            after_step: Callable[[], None] = lambda: None) -> None:
+        """Until `stopping` is set; then every running job gets a 503. after_step runs on this (the engine's)
+        thread after each step: where a collective of the caller's may go."""
         try:
             while not stopping.is_set():
                 self._admit(jobs)
                 self._drop_cancelled()
                 if self.running:
                     self._step()
+                    after_step()
         except BaseException:
             self._end_all("error", Failed(500, "the engine failed"))
             raise

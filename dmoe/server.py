@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -45,7 +46,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dmoe.api import API, parse
 from dmoe.engine import Engine
-from dmoe.openai_types import APIError, ChatCompletionRequest, CompletionRequest
+from dmoe.openai_types import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
 from dmoe.scheduler import Delta, Failed, Finish, Job, Scheduler
 from dmoe.toolcalls import assemble
 
@@ -53,6 +67,7 @@ MAX_BODY_BYTES = 32 << 20
 DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped, so that its sender gets our reply
 BODY_TIMEOUT_S = 120.0  # how long a client may take to send its body
 SHUTDOWN_WAIT_S = 5.0  # how long a stopping server lets its requests write their last words
+RANK_REPORT_S = 5.0  # how often, while serving, the ranks' memory and collective time are gathered for /metrics
 WAIT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 # unauthenticated: counts only, for a load balancer or a scraper; and the chat page, which holds no data (it asks for
 # the key itself, for its requests)
@@ -159,51 +174,55 @@ def _answering(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[R
 
 
 class _Reply:
-    """One request's response objects, in OpenAI's chat.completion / text_completion shapes."""
+    """One request's response objects, in OpenAI's chat.completion(.chunk) / text_completion shapes
+    (openai_types.py), as the JSON-ready dicts that go out."""
 
     def __init__(self, job: Job, model: str) -> None:
         self.chat = job.chat
-        self.id = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
-        self.model = model
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        self.head = {"id": ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+                     "model": model}
 
     def whole(self, events: list[Delta | Finish]) -> dict[str, Any]:
         deltas = [e for e in events if isinstance(e, Delta)]
         end = events[-1]
         assert isinstance(end, Finish)
         content, calls = assemble([part for d in deltas for part in (d.content, *d.tool_calls)])
-        if self.chat:
-            message = {"role": "assistant", "content": content or (None if calls else ""),
-                       "reasoning_content": "".join(d.reasoning for d in deltas) or None}
-            if calls:
-                message["tool_calls"] = calls
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.reason}
-        else:
-            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": end.reason}
-        return {**self._envelope([choice], False), "usage": end.usage}
+        usage = Usage(**end.usage)
+        if not self.chat:
+            choice = CompletionChoice(index=0, text=content, logprobs=None, finish_reason=end.reason)
+            return _out(Completion(**self.head, object="text_completion", choices=[choice], usage=usage))
+        message = AssistantMessage(role="assistant", content=content or (None if calls else ""),
+                                   reasoning_content="".join(d.reasoning for d in deltas) or None)
+        if calls:
+            message.tool_calls = calls
+        choice = ChatChoice(index=0, message=message, logprobs=None, finish_reason=end.reason)
+        return _out(ChatCompletion(**self.head, object="chat.completion", choices=[choice], usage=usage))
 
     def chunk(self, event: Delta | Finish, role: bool = False) -> dict[str, Any]:
         reason = event.reason if isinstance(event, Finish) else None
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if isinstance(event, Delta) and event.reasoning:
-                delta["reasoning_content"] = event.reasoning
-            if isinstance(event, Delta) and event.content:
-                delta["content"] = event.content
-            if isinstance(event, Delta) and event.tool_calls:
-                delta["tool_calls"] = event.tool_calls
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        else:
+        if not self.chat:
             text = event.content if isinstance(event, Delta) else ""
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return self._envelope([choice], True)
+            choice = CompletionChoice(index=0, text=text, logprobs=None, finish_reason=reason)
+            return _out(Completion(**self.head, object="text_completion", choices=[choice]))
+        delta = ChatDelta(role="assistant", content="") if role else ChatDelta()
+        if isinstance(event, Delta):
+            for name, value in (("reasoning_content", event.reasoning), ("content", event.content),
+                                ("tool_calls", event.tool_calls)):
+                if value:
+                    setattr(delta, name, value)
+        choice = ChatChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=reason)
+        return _out(ChatCompletionChunk(**self.head, object="chat.completion.chunk", choices=[choice]))
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._envelope([], True), "usage": usage}
+        if self.chat:
+            return _out(ChatCompletionChunk(**self.head, object="chat.completion.chunk", choices=[],
+                                            usage=Usage(**usage)))
+        return _out(Completion(**self.head, object="text_completion", choices=[], usage=Usage(**usage)))
+
+
+def _out(response: BaseModel) -> dict[str, Any]:
+    """A response model as JSON-ready data: fields given (None too, sent as null), not those never given."""
+    return response.model_dump(exclude_unset=True)
 
 
 @functools.cache
@@ -416,7 +435,15 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         api.step_age = scheduler.step_age
         api.metrics.watch(lambda: len(scheduler.running), api.jobs.qsize, lambda: sum(map(len, engine.slots)),
                           engine.parallel * engine.max_seq_len, lambda: engine.comm.seconds)
-        scheduler.run(api.jobs, api.stopping)
+        reported = -RANK_REPORT_S
+
+        def report_ranks() -> None:  # every rank's memory and time in collectives, for /metrics: a collective
+            nonlocal reported
+            if time.monotonic() - reported >= RANK_REPORT_S:
+                api.metrics.ranks(engine.rank_report())
+                reported = time.monotonic()
+
+        scheduler.run(api.jobs, api.stopping, report_ranks)
     finally:
         api.stopping.set()
         api.drain()

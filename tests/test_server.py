@@ -362,6 +362,10 @@ def test_metrics_count_latency_and_kv_use(server: Server) -> None:
     assert after["dmoe_kv_cache_capacity_tokens"] == PARALLEL * CONTEXT
     assert r.usage.total_tokens - 1 <= after["dmoe_kv_cache_tokens"] <= PARALLEL * CONTEXT  # the last is not run
     assert after["dmoe_root_comm_seconds"] > 0  # two ranks
+    # every rank's own figures, gathered while serving (the first step's report at least)
+    for rank in ("0", "1"):
+        assert after[f"dmoe_rank_comm_seconds|rank={rank}"] > 0
+        assert 0.05 < after[f"dmoe_rank_peak_rss_gigabytes|rank={rank}"] < 64
 
 
 def test_tokenize_and_detokenize(server: Server, tok: Tokenizer) -> None:
