@@ -115,7 +115,7 @@ class API:
 
     def _chat_prompt(self, req: ChatPrompt) -> tuple[list[int], str, ToolRequest]:
         """The ids of the messages (and tools) rendered by the model's chat template, that text, and the
-        request's tool fields. A forced XML call starts in the prompt, without thinking (ToolRequest.prefix)."""
+        request's tool fields."""
         try:
             tools = tool_request(req.model_dump(include={"tools", "tool_choice", "parallel_tool_calls"}),
                                  tool_format(self.tok.chat_template))
@@ -125,8 +125,7 @@ class API:
         except ToolError as e:
             raise APIError(400, str(e), e.param) from None
         try:
-            text = self.tok.render_chat(messages, enable_thinking=req.thinking() and not tools.prefix,
-                                        tools=tools.prompt_tools) + tools.prefix
+            text = self.tok.render_chat(messages, enable_thinking=req.thinking(), tools=tools.prompt_tools)
         except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or a jinja error
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         return self.tok.encode(text), text, tools

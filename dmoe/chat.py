@@ -142,8 +142,7 @@ def _model_turn(args: argparse.Namespace, engine: Engine, messages: list[dict[st
     assert tok is not None
     try:
         rendered = tok.render_chat([template_message(m, i) for i, m in enumerate(messages)],
-                                   enable_thinking=thinking and not tools.prefix,
-                                   tools=tools.prompt_tools) + tools.prefix
+                                   enable_thinking=thinking, tools=tools.prompt_tools)
         ids = tok.encode(rendered)
         constraint = reply_constraint(tok, engine.config.vocab_size, rendered, thinking, tools, None)
     except Exception as e:  # noqa: BLE001 - the template (the file's code) failed: drop the turn

@@ -24,7 +24,7 @@ import numpy as np
 
 from dmoe.reasoning import opens_thinking
 from dmoe.tokenizer import Tokenizer
-from dmoe.toolcalls import ToolRequest
+from dmoe.toolcalls import ToolFormat, ToolRequest
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "<think>", "</think>", "<tool_call>", "</tool_call>"
@@ -53,16 +53,27 @@ def json_grammar(schema: Mapping[str, Any] | None) -> str:
     return "answer: %json " + _schema(schema if schema is not None else {"type": "object"})
 
 
-def tool_call_grammar(tok: Tokenizer, tools: Sequence[Mapping[str, Any]], parallel: bool) -> str:
-    """Lark rules for `answer`: one (or with `parallel`, several) of Qwen3's JSON tool calls,
-    `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, each naming one of `tools` with arguments
-    of its schema."""
+def tool_call_grammar(tok: Tokenizer, tools: Sequence[Mapping[str, Any]], parallel: bool, fmt: ToolFormat) -> str:
+    """Lark rules for `answer`: one (or with `parallel`, several) calls of `tools` in the template's format:
+    Qwen3's `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, the arguments valid for the tool's
+    schema; or Qwen3-Coder's `<tool_call>\\n<function=NAME>\\n<parameter=P>\\nvalue\\n</parameter>\\n...`, with the
+    schema's parameter names (the values are free text, as the template writes them)."""
     rules = []
     for i, t in enumerate(tools):
         f = t["function"]
-        call = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}}}
-        rules.append(f"fn{i}: %json {_schema(call)}")
+        params = f.get("parameters") or {"type": "object"}
+        if fmt == "qwen3_json":
+            call = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                    "properties": {"name": {"const": f["name"]}, "arguments": params}}
+            rules.append(f"fn{i}: %json {_schema(call)}")
+            continue
+        names = " | ".join(json.dumps(name) for name in params.get("properties", {}))
+        opening = json.dumps(f"<function={f['name']}>\n")
+        rules.append(f"fn{i}: {opening} " + (f"fn{i}_param* " if names else "") + '"</function>"')
+        if names:
+            rules.append(f'fn{i}_param: "<parameter=" ({names}) ">\\n" value')
+    if fmt == "qwen3_coder_xml":
+        rules.append('value[suffix="\\n</parameter>\\n"]: /(.|\\n)*/')
     alternatives = " | ".join(f"fn{i}" for i in range(len(tools)))
     many = ' ("\\n" call)*' if parallel else ""
     return "\n".join([f"answer: call{many}",
@@ -118,14 +129,12 @@ class ConstraintError(ValueError):
 
 def reply_constraint(tok: Tokenizer, rows: int, prompt: str, thinking: bool, tools: ToolRequest,
                      response_format: Mapping[str, Any] | None) -> Constraint | None:
-    """The grammar a chat reply must keep, if any: a response_format's JSON, or a forced call in Qwen3's JSON
-    format (Qwen3-Coder's XML calls are forced by their opening in the prompt instead: ToolRequest.prefix).
+    """The grammar a chat reply must keep, if any: a response_format's JSON, or a forced tool call.
     prompt: the rendered prompt (does it leave the model inside a think block, or after an empty one?);
     thinking: whether the request lets the model think."""
     fmt = response_format or {"type": "text"}
     kind = fmt.get("type")
-    forced = tools.forced and tools.fmt == "qwen3_json"
-    if kind == "text" and not forced:
+    if kind == "text" and not tools.forced:
         return None
     if kind != "text" and tools.forced:
         raise ConstraintError("'response_format' cannot be combined with a forced tool call", "response_format")
@@ -139,7 +148,8 @@ def reply_constraint(tok: Tokenizer, rows: int, prompt: str, thinking: bool, too
         answer, param = json_grammar(spec.get("schema", {})), "response_format.json_schema.schema"
     elif kind == "text":
         chosen = [t for t in tools.tools if tools.function in (None, t["function"]["name"])]
-        answer, param = tool_call_grammar(tok, chosen, tools.parallel), "tools"
+        assert tools.fmt is not None
+        answer, param = tool_call_grammar(tok, chosen, tools.parallel, tools.fmt), "tools"
     else:
         raise ConstraintError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                               "response_format.type")

@@ -12,9 +12,7 @@ over a whole reply, so a streamed reply reassembles to exactly the non-streamed 
 
 `tool_choice: "none"` leaves the tools out of the prompt (vLLM's --exclude-tools-when-tool-choice-none):
 the model is then not told it can call anything, rather than told and then not listened to; its text is
-all content. `"required"` and a named function are kept by a grammar for Qwen3's JSON calls
-(constraints.py), and for Qwen3-Coder's XML calls by starting the reply with the opening of a call
-(`ToolRequest.prefix`).
+all content. `"required"` and a named function are kept by a grammar, in either format (constraints.py).
 """
 
 from __future__ import annotations
@@ -89,21 +87,12 @@ class ToolRequest:
         """The reply must be a call: tool_choice is "required" or names a function."""
         return self.active and self.choice != "auto"
 
-    @property
-    def prefix(self) -> str:
-        """Text to append to the rendered prompt so that a forced reply starts inside a call, for Qwen3-Coder's
-        XML calls; "" otherwise (Qwen3's JSON calls are forced by a grammar: constraints.py). Render that
-        prompt with enable_thinking=False: Qwen3 then has its empty think block behind it."""
-        if not self.forced or self.fmt != "qwen3_coder_xml":
-            return ""
-        return f"{CALL_OPEN}\n" + (f"<function={self.function}>\n" if self.choice == "function" else "")
-
     def parser(self) -> ToolCallParser | None:
-        """A parser for this request's reply, already fed `prefix`; None when no call is to be parsed."""
+        """A parser for this request's reply; None when no call is to be parsed."""
         if not self.active:
             return None
         assert self.fmt is not None
-        return ToolCallParser(self.fmt, self.tools, self.parallel, self.prefix)
+        return ToolCallParser(self.fmt, self.tools, self.parallel)
 
 
 def tool_request(body: Mapping[str, Any], fmt: ToolFormat | None) -> ToolRequest:
@@ -414,12 +403,10 @@ class ToolCallParser:
     A `<tool_call>` block that never names a function is given back as content, whole. A named call is
     never taken back: at the end of the reply it ends with the arguments written so far (as OpenAI's own
     calls cut by max_tokens do). With `parallel` false, everything after the first call is dropped (`done`
-    says so: the server can stop generating). `prefix` is what the prompt already wrote of the reply (see
-    ToolRequest.prefix); its events come with the first feed.
+    says so: the server can stop generating).
     """
 
-    def __init__(self, fmt: ToolFormat, tools: Sequence[Mapping[str, Any]] = (), parallel: bool = True,
-                 prefix: str = "") -> None:
+    def __init__(self, fmt: ToolFormat, tools: Sequence[Mapping[str, Any]] = (), parallel: bool = True) -> None:
         if fmt not in ("qwen3_json", "qwen3_coder_xml"):
             raise ValueError(f"unknown tool-call format {fmt!r}")
         self._fmt = fmt
@@ -428,7 +415,7 @@ class ToolCallParser:
         self._parallel = parallel
         self.calls = 0  # calls named so far
         self.done = False  # parallel is false and the first call has closed: the rest is dropped
-        self._buf = prefix  # text not yet handled: after the last event, or the open block's body
+        self._buf = ""  # text not yet handled: after the last event, or the open block's body
         self._call: _JsonCall | _XmlCall | None = None  # the open <tool_call> block
         self._searched = 0  # how much of the open block was searched for </tool_call>
         self._ws = ""  # trailing whitespace of the content so far: given only if content follows
@@ -436,7 +423,6 @@ class ToolCallParser:
         self._after_call = False  # whitespace after a call is dropped
         self._announced = False  # whether the open block's call was given its first delta
         self._out: list[Event] = []
-        self._scan(final=False)
 
     def feed(self, text: str) -> list[Event]:
         self._buf += text
@@ -541,8 +527,8 @@ def assemble(events: Sequence[Event]) -> tuple[str, list[dict[str, Any]]]:
     return content, calls
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat, tools: Sequence[Mapping[str, Any]] = (), parallel: bool = True,
-                     prefix: str = "") -> tuple[str, list[dict[str, Any]]]:
+def parse_tool_calls(text: str, fmt: ToolFormat, tools: Sequence[Mapping[str, Any]] = (),
+                     parallel: bool = True) -> tuple[str, list[dict[str, Any]]]:
     """(content, tool_calls) of a whole answer text: the streaming parser over it in one piece."""
-    parser = ToolCallParser(fmt, tools, parallel, prefix)
+    parser = ToolCallParser(fmt, tools, parallel)
     return assemble(parser.feed(text) + parser.finish())

@@ -139,7 +139,7 @@ def test_tool_choice_none_leaves_tools_out(tokenizer_json: str, hf: Any, name: s
     auto = tool_request({"tools": TOOLS}, fmt)
     none = tool_request({"tools": TOOLS, "tool_choice": "none"}, fmt)
     assert auto.prompt_tools == TOOLS and auto.parser() is not None
-    assert none.prompt_tools is None and none.parser() is None and none.prefix == ""
+    assert none.prompt_tools is None and none.parser() is None
     theirs = hf.apply_chat_template(HF_CHAT, chat_template=TEMPLATES[name], tokenize=False, add_generation_prompt=True)
     assert ours(tokenizer_json, TEMPLATES[name], OPENAI_CHAT, none.prompt_tools) == theirs
 
@@ -341,22 +341,6 @@ def test_parallel_tool_calls_false_keeps_the_first() -> None:
     assert not parser.done
     events += parser.feed(text[40:]) + parser.finish()
     assert parser.done and parser.calls == 1
-    assert reassemble(events)[:2] == ("", [PARIS])
-
-
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_call_prefix(choice: Any) -> None:
-    """required / a named function, Coder's XML calls: the prompt starts the call, and the parser, fed that
-    prefix, reads the model's continuation as the same call as if the model had written it all. (Qwen3's
-    JSON calls are forced by a grammar instead: no prefix.)"""
-    assert tool_request({"tools": TOOLS, "tool_choice": choice}, tool_format(TEMPLATES["qwen3"])).prefix == ""
-    req = tool_request({"tools": TOOLS, "tool_choice": choice}, tool_format(TEMPLATES["coder"]))
-    whole = REPLIES["xml_one"][1]
-    assert whole.startswith(req.prefix) and req.prefix.startswith("<tool_call>\n")
-    assert ("get_weather" in req.prefix) == isinstance(choice, dict)
-    parser = req.parser()
-    assert parser is not None
-    events = parser.feed(whole[len(req.prefix):]) + parser.finish()
     assert reassemble(events)[:2] == ("", [PARIS])
 
 
