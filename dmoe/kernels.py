@@ -386,9 +386,10 @@ class _Grown:
 
 
 def _q8_rows(n: int, nb: int) -> tuple[np.ndarray, ...]:
-    """Room for the Q8_0 form of n activation rows of nb blocks (xq, xd, xs), and iota [n]."""
+    """Room for the Q8_0 form of n activation rows of nb blocks (xq, xd, xs), and iota [n] (int32, as the MoE's
+    slot_tok: the dot kernels then compile once for both)."""
     return (np.zeros((n, nb, QK), np.int8), np.zeros((n, nb), np.float32), np.zeros((n, nb, 3), np.int16),
-            np.arange(n))
+            np.arange(n, dtype=np.int32))
 
 
 def _moe_act(n_slots: int, ffp: int) -> tuple[np.ndarray, ...]:

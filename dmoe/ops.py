@@ -65,20 +65,29 @@ def route(logits: np.ndarray, k: int, normalize: bool, ids: np.ndarray, weights:
     renormalised over the k if the model says so. logits [T, E] -> ids int32 [T, k], weights [T, k]."""
     E = logits.shape[1]
     probs = np.empty(E, np.float32)
+    taken = np.zeros(E, np.bool_)
     for t in range(logits.shape[0]):
-        mx = logits[t].max()
+        mx = logits[t, 0]
+        for e in range(1, E):
+            mx = max(mx, logits[t, e])
         total = np.float32(0.0)
         for e in range(E):
             probs[e] = np.exp(logits[t, e] - mx)
             total += probs[e]
         for e in range(E):
             probs[e] /= total
-        chosen = np.argsort(-probs, kind="mergesort")[:k]
         s = np.float32(0.0)
-        for j in range(k):
-            ids[t, j] = chosen[j]
-            weights[t, j] = probs[chosen[j]]
+        for j in range(k):  # k passes of a max (k is 8 of 128): no sort to compile, ties to the lower id
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or probs[e] > probs[best]):
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            weights[t, j] = probs[best]
             s += weights[t, j]
+        for j in range(k):
+            taken[ids[t, j]] = False
         if normalize:
             for j in range(k):
                 weights[t, j] /= s
