@@ -39,7 +39,7 @@ class Batch:
         self.seqs, self.ids, self.all_logits = seqs, ids.astype(np.int32), all_logits
         counts = seqs[:, 2]
         self.slots = np.repeat(seqs[:, 0], counts)  # [T] each token's slot
-        self.positions = np.concatenate([np.arange(p, p + c) for _, p, c in seqs]) if len(seqs) else counts
+        self.positions = np.concatenate([np.arange(p, p + c) for _, p, c in seqs])  # a step has >= 1 (Engine.step)
         self.ends = np.cumsum(counts) - 1  # [n] each sequence's last token
         self.T = int(counts.sum())
 
