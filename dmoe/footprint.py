@@ -55,7 +55,7 @@ def weight_bytes(cfg: ModelConfig, types: dict[str, QT], shard: RankShard, is_ro
             qt, c0 = sliced_type(types[b + "attn_output.weight"], qa * D, qb * D)
             total += _packed(1, d, (qb - qa) * D, [qt], c0)
         if is_root:
-            total += cfg.num_experts * d * 4  # the router, as f32 (weights.DenseMatrix)
+            total += _packed(1, cfg.num_experts, d, [types[b + "ffn_gate_inp.weight"]])
         if e1 > e0 and f1 > f0:
             total += 2 * _packed(e1 - e0, f1 - f0, d, [types[b + "ffn_gate_exps.weight"]])
             qt, c0 = sliced_type(types[b + "ffn_down_exps.weight"], f0, f1)

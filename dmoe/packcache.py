@@ -39,7 +39,7 @@ def default_dir() -> str:
     return os.path.join(base, "dmoe")
 
 
-LAYOUT_VERSION = 5  # bump on any change of what a packed array holds that the sources below may not show
+LAYOUT_VERSION = 4  # bump on any change of what a packed array holds that the sources below may not show
 # Everything that decides what a rank's packed arrays hold: the layouts and repacking (kernels*), the block
 # decoding (blocks, quant), which bytes each rank takes (plan, weights) and the cache's own format.
 _LAYOUT_SOURCES = ("blocks.py", "quant.py", "plan.py", "weights.py", "packcache.py")

@@ -22,20 +22,6 @@ from dmoe.packcache import PackStore
 from dmoe.plan import RankShard
 
 
-class DenseMatrix:
-    """A small f32 matrix [rows, cols] multiplied by numpy (BLAS): the router, 128 x 2048 for Qwen3-30B-A3B.
-    It is F32 in every file, and through the packed kernels it was their only F32 user in a quantised file:
-    a variant of theirs compiled (2 s at first start) for a matrix that costs microseconds."""
-
-    def __init__(self, w: np.ndarray) -> None:
-        self.w = np.ascontiguousarray(w, np.float32)
-        self.rows, self.cols = self.w.shape
-
-    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
-        """x f32[T, cols] -> out f32[T, rows] (overwritten)."""
-        np.matmul(x, self.w.T, out=out)
-
-
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # [d]
@@ -44,7 +30,7 @@ class LayerWeights:
     ffn_norm: np.ndarray  # [d]
     qkv: Weight | RowStack | None  # [H*D + 2*Hkv*D, d]: this rank's query heads, then its K and V heads; None: none
     o: Weight | None  # [d, H*D]: the columns of this rank's heads
-    router: DenseMatrix | None  # [E, d], on the root only
+    router: Weight | None  # [E, d], on the root only
     gate: ExpertWeights | None  # [E_local, ff_local, d]; None: no experts here
     up: ExpertWeights | None  # [E_local, ff_local, d]
     down: ExpertWeights | None  # [E_local, d, ff_local]
@@ -122,7 +108,7 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         raw, qt, c0 = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
         o = store.weight([raw], [qt], (qb - qa) * D, c0)
     if is_root:
-        router = DenseMatrix(mf.dequantize(b + "ffn_gate_inp.weight"))
+        router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], [mf.tensors[b + "ffn_gate_inp.weight"].qtype], d)
     (e0, e1), (f0, f1) = shard.experts, shard.ffn
     if e1 > e0 and f1 > f0:
         gate_type, up_type = (mf.tensors[f"{b}ffn_{n}_exps.weight"].qtype for n in ("gate", "up"))

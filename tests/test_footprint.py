@@ -16,7 +16,7 @@ from dmoe.kernels import ExpertWeights, RowStack
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore
 from dmoe.plan import ShardPlan
-from dmoe.weights import DenseMatrix, load_weights
+from dmoe.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +29,6 @@ def resident(value: object) -> int:
         return sum(resident(w) for w in value.parts)
     if isinstance(value, ExpertWeights):
         return value.data.nbytes
-    if isinstance(value, DenseMatrix):
-        return value.w.nbytes
     return 0
 
 
