@@ -253,20 +253,22 @@ def build_app(api: API) -> Starlette:
         return _json(200, api.model_card())
 
     async def tokenize(request: Request) -> Response:
-        return _json(200, api.tokenize(await _read_json(request)))
+        return _json(200, await asyncio.to_thread(api.tokenize, await _read_json(request)))
 
     async def detokenize(request: Request) -> Response:
-        return _json(200, api.detokenize(await _read_json(request)))
+        return _json(200, await asyncio.to_thread(api.detokenize, await _read_json(request)))
 
     async def generate(request: Request) -> Response:
+        """Rendering, tokenising and a grammar's first build (0.7 s) run on a worker thread: the event loop keeps
+        the other streams' tokens flowing meanwhile."""
         body = await _read_json(request)
         events = _Events()
         if request.url.path == "/v1/chat/completions":
             req: ChatCompletionRequest | CompletionRequest = parse(ChatCompletionRequest, body)
-            job = api.chat_job(req, events)
+            job = await asyncio.to_thread(api.chat_job, req, events)
         else:
             req = parse(CompletionRequest, body)
-            job = api.completion_job(req, events)
+            job = await asyncio.to_thread(api.completion_job, req, events)
         api.submit(job)
         reply = _Reply(job, api.model_name)
         try:
