@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +232,13 @@ def _chat_page() -> bytes:
     return (Path(__file__).parent / "chat_page.html").read_bytes()
 
 
-def build_app(api: API) -> Starlette:
-    """The routes; wrapped by _Guard for keys, body limits and counts."""
+def build_app(api: API, prep: ThreadPoolExecutor) -> Starlette:
+    """The routes; wrapped by _Guard for keys, body limits and counts. `prep` runs the work on a request's
+    text (rendering, tokenising, a grammar's first build: 0.7 s) off the event loop, so that the other
+    streams' events keep flowing: one thread, started with the server (a fixed count, not one per burst)."""
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(prep, fn, *args)
 
     async def health(request: Request) -> Response:
         return _json(*api.health())
@@ -253,22 +259,20 @@ def build_app(api: API) -> Starlette:
         return _json(200, api.model_card())
 
     async def tokenize(request: Request) -> Response:
-        return _json(200, await asyncio.to_thread(api.tokenize, await _read_json(request)))
+        return _json(200, await off_loop(api.tokenize, await _read_json(request)))
 
     async def detokenize(request: Request) -> Response:
-        return _json(200, await asyncio.to_thread(api.detokenize, await _read_json(request)))
+        return _json(200, await off_loop(api.detokenize, await _read_json(request)))
 
     async def generate(request: Request) -> Response:
-        """Rendering, tokenising and a grammar's first build (0.7 s) run on a worker thread: the event loop keeps
-        the other streams' tokens flowing meanwhile."""
         body = await _read_json(request)
         events = _Events()
         if request.url.path == "/v1/chat/completions":
             req: ChatCompletionRequest | CompletionRequest = parse(ChatCompletionRequest, body)
-            job = await asyncio.to_thread(api.chat_job, req, events)
+            job = await off_loop(api.chat_job, req, events)
         else:
             req = parse(CompletionRequest, body)
-            job = await asyncio.to_thread(api.completion_job, req, events)
+            job = await off_loop(api.completion_job, req, events)
         api.submit(job)
         reply = _Reply(job, api.model_name)
         try:
@@ -417,7 +421,9 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    guard = _Guard(build_app(api), api)
+    prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prep")
+    prep.submit(lambda: None).result()  # its thread now, not at the first request
+    guard = _Guard(build_app(api, prep), api)
     http = uvicorn.Server(uvicorn.Config(guard, log_level="warning", access_log=False, lifespan="off",
                                          timeout_graceful_shutdown=SHUTDOWN_WAIT_S))
 
@@ -452,6 +458,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         guard.wait_done(SHUTDOWN_WAIT_S)  # each has its answer or its 503 event queued: let it out
         http.should_exit = True
         thread.join(SHUTDOWN_WAIT_S + 1)
+        prep.shutdown(wait=False)
         for s, handler in old.items():
             signal.signal(s, handler)
     print("dmoe: server stopped", file=sys.stderr, flush=True)
