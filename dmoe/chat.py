@@ -67,7 +67,8 @@ class _Display:
     def tool_call(self, event: dict[str, Any]) -> None:
         """A tool-call delta: its name when it opens, then its arguments as they come."""
         if "id" in event:
-            self.write("", f"{chr(10) if self.section == 'answer' else ''}[tool call] {event['function']['name']} ")
+            apart = "\n" if self.section == "answer" else ""
+            self.write("", f"{apart}[tool call] {event['function']['name']} ")
         self.write("", event["function"]["arguments"])
 
     def end(self, note: str = "") -> None:

@@ -22,12 +22,11 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-from dmoe.reasoning import opens_thinking
+from dmoe.reasoning import THINK_CLOSE, THINK_OPEN, opens_thinking
 from dmoe.tokenizer import Tokenizer
-from dmoe.toolcalls import ToolFormat, ToolRequest
+from dmoe.toolcalls import CALL_CLOSE, CALL_OPEN, ToolFormat, ToolRequest
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "<think>", "</think>", "<tool_call>", "</tool_call>"
 
 
 @functools.lru_cache(maxsize=4)

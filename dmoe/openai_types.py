@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Parameters whose other values this engine cannot honour: refused, not silently ignored.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -116,8 +117,6 @@ class _GenerationRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, body: Any) -> Any:
-        from pydantic_core import PydanticCustomError
-
         for name, allowed in UNSUPPORTED.items():
             if isinstance(body, dict) and body.get(name) is not None and body[name] not in allowed:
                 raise PydanticCustomError("unsupported", "{message}", {
