@@ -32,8 +32,9 @@ def main() -> None:
     print(f"{cfg.num_attention_heads} query heads, {Hkv} KV heads of {D}; {threads} thread(s)")
     for n in args.depth:
         k, v = (rng.standard_normal((1, Hkv, n, D)).astype(np.float16).view(np.uint16) for _ in range(2))
-        scores, bits = np.zeros((threads, G, n), np.float32), np.zeros((threads, D), np.uint32)
-        call = (q, heads, k, v, np.zeros(1, np.int64), np.array([n - 1]), scores, bits, out)
+        width = attention.scratch_width(G)
+        scores, norms = np.zeros((threads, n, width), np.float32), np.zeros((threads, width), np.float32)
+        call = (q, heads, k, v, np.zeros(1, np.int64), np.array([n - 1]), scores, norms, out)
         attention.attend(*call)
         best = np.inf
         for _ in range(max(15, 100_000 // n)):

@@ -42,8 +42,8 @@ class ModelConfig:
                 f"config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim % 8:
+            raise ConfigError(f"config: head_dim must be a multiple of 8 (attention's vectors), got {self.head_dim}")
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(
                 f"config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})"

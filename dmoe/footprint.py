@@ -74,7 +74,7 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
     for shard in plan.shards:
         kv = (2 * cfg.num_hidden_layers * parallel * shard.n_kv_heads * seq * cfg.head_dim
               * np.dtype(KV_TYPES[kv_type]).itemsize)
-        states = [RunState(cfg, shard, capacity, seq, threads, widen_kv=kv_type == "f16")  # sized, never touched
+        states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))
         out.append(RankFootprint(shard.rank, weight_bytes(cfg, types, shard, shard.rank == 0), kv, buffers))

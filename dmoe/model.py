@@ -43,11 +43,6 @@ class Batch:
         self.ends = np.cumsum(counts) - 1  # [n] each sequence's last token
         self.T = int(counts.sum())
 
-    @property
-    def one_prefill(self) -> tuple[int, int] | None:
-        """(slot, first position) when the step is one sequence's several tokens (a prefill), else None."""
-        return (int(self.seqs[0, 0]), int(self.seqs[0, 1])) if len(self.seqs) == 1 and self.T > 1 else None
-
     def logit_rows(self) -> np.ndarray:
         return np.arange(self.T) if self.all_logits else self.ends
 
@@ -55,8 +50,7 @@ class Batch:
 class RunState:
     """Every buffer one forward step needs, allocated once for up to `capacity` tokens and reused."""
 
-    def __init__(self, cfg: ModelConfig, shard: RankShard, capacity: int, max_seq: int, threads: int,
-                 widen_kv: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, shard: RankShard, capacity: int, max_seq: int, threads: int) -> None:
         d, D, k = cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok
         H, Hkv = shard.n_q_heads, shard.n_kv_heads
         self.capacity = capacity
@@ -80,11 +74,9 @@ class RunState:
         q0 = shard.q_heads[0]
         self.heads = np.array([[max(q0, kv * group) - q0, min(shard.q_heads[1], (kv + 1) * group) - q0]
                                for kv in range(*shard.kv_heads)], np.int32).reshape(-1, 2)  # [Hkv, 2] query heads
-        self.scores = np.zeros((threads, group, max_seq), np.float32)  # attention scratch per thread [G, S]
-        self.bits = np.zeros((threads, D), np.uint32)  # a widened f16 cache row per thread
-        # An f16 cache widened once per layer for a prefill (T > 1), which reads every row T times
-        self.kv_f32 = np.zeros(2 * Hkv * max_seq * D if widen_kv else 0, np.float32)
-        self.zeros = np.zeros(capacity, np.int64)  # the slot of every token of a widened (one-slot) cache
+        width = attention.scratch_width(group)
+        self.scores = np.zeros((threads, max_seq, width), np.float32)  # attention scratch per thread [S, Gp]
+        self.norms = np.zeros((threads, width), np.float32)  # each head's softmax normaliser, per thread
 
 
 class Layer:
@@ -111,13 +103,8 @@ class Layer:
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
             attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slots, batch.positions)
-            k_cache, v_cache, slots = self.k_cache, self.v_cache, batch.slots
-            prefill = batch.one_prefill
-            if prefill is not None and k_cache.dtype == np.uint16:
-                slot, pos = prefill
-                k_cache, v_cache = attention.widen(k_cache, v_cache, slot, pos + T, st.kv_f32)
-                slots = st.zeros[:T]
-            attention.attend(q, st.heads, k_cache, v_cache, slots, batch.positions, st.scores, st.bits, st.attn[:T])
+            attention.attend(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, st.scores,
+                             st.norms, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
@@ -169,8 +156,7 @@ class Model:
         if st is None:
             if capacity > DECODE_CAPACITY:  # keep one prefill state: the largest seen
                 self._states = {c: s for c, s in self._states.items() if c <= DECODE_CAPACITY}
-            st = RunState(self.cfg, self.shard, capacity, self.max_seq_len, self.nthreads,
-                          widen_kv=self.k_cache.dtype == np.uint16)
+            st = RunState(self.cfg, self.shard, capacity, self.max_seq_len, self.nthreads)
             self._states[capacity] = st
         return st
 

@@ -1,0 +1,207 @@
+"""Attention's inner loops as LLVM IR through numba intrinsics: query-key scores (`qk_scores`), the softmax's
+exponentials (`softmax_exp`) and the probability-weighted sum of values (`pv_add`).
+
+Why by hand: numba vectorises a dot product along the head dimension, which leaves one horizontal sum per
+(position, head), widens f16 rows through scalar code (it has no float16), and keeps the output row in
+memory across positions; and without SVML its exp is a scalar libm call. Here an f16 cache row is widened
+by `fpext` (one `vcvtph2ps` per 8 values where the CPU has F16C), the query heads that share a KV head are
+register tiles (up to 8 accumulators), horizontal sums are done 8 at a time by a transposing shuffle tree,
+and exp is a vectorised polynomial. Portable IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
+
+The scores scratch is position-major, [S, Gp] (Gp: the query heads of a group rounded up to 8), so that one
+position's scores for 8 heads are one vector: the softmax runs down the positions with vertical maxima and
+sums, one exp per 8 heads.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .kernels_simd import _call, _index_ok, _ptr, _splat
+
+__all__ = ["LANES", "qk_scores", "softmax_exp", "pv_add"]
+
+LANES = 8  # f32 lanes of a vector: the head dimension goes 8 values at a time (it must be a multiple of 8)
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_V = ir.VectorType(_F32, LANES)
+
+
+def _cache_ok(cache) -> bool:  # noqa: ANN001 - a numba type
+    return isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32)
+
+
+def _load_row(builder, cache_dtype, ptr, chunk):  # noqa: ANN001, ANN202
+    """Values chunk*8 .. chunk*8+7 of a cache row at ptr (f16 bits in uint16, or f32) as <8 x float>."""
+    if cache_dtype == types.uint16:
+        halves = ir.VectorType(ir.HalfType(), LANES)
+        p = builder.bitcast(builder.gep(ptr, [builder.mul(chunk, ir.Constant(chunk.type, LANES))]), halves.as_pointer())
+        return builder.fpext(builder.load(p, align=2), _V)
+    p = builder.bitcast(builder.gep(ptr, [builder.mul(chunk, ir.Constant(chunk.type, LANES))]), _V.as_pointer())
+    return builder.load(p, align=4)
+
+
+def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
+    """a * b + c, fused where the CPU can."""
+    return _call(builder, "llvm.fmuladd.v8f32", _V, a, b, c)
+
+
+def _hsums(builder, vecs):  # noqa: ANN001, ANN202
+    """One vector whose lane i is the sum of the lanes of vecs[i] (up to 8 vectors): a shuffle tree that adds
+    even and odd lanes of two vectors at a time, so that 8 sums cost 7 adds instead of 8 x 3."""
+    evens = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(0, 2 * LANES, 2)])
+    odds = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(1, 2 * LANES, 2)])
+    items = list(vecs)
+    for _ in range(3):  # log2(LANES) levels: each halves the lanes an input's partial sums take
+        items = [builder.fadd(builder.shuffle_vector(a, b, evens), builder.shuffle_vector(a, b, odds))
+                 for a, b in zip(items[::2], items[1::2] + ([items[-1]] if len(items) % 2 else []), strict=True)]
+    return items[0]
+
+
+def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
+    arr = context.make_array(aryty)(context, builder, ary)
+    return cgutils.unpack_tuple(builder, arr.shape)[axis]
+
+
+@intrinsic
+def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale):
+    """sc[sidx + (0, g)] = scale * (cache row at cidx) . q[qidx + (0, g * D)] for g < width (1..8, a literal):
+    one cache position against `width` query heads of D values each (D: the cache's last axis)."""
+    if not (_cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
+        return None
+    if not (isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES):
+        return None
+    n = width.literal_value
+
+    def codegen(context, builder, sig, args):
+        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v = args
+        intp = context.get_value_type(types.intp)
+        D = _len(context, builder, sig.args[0], cache_v, -1)
+        row = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        qp = builder.bitcast(_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
+        heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V, None)) for _ in range(n)]  # promoted to registers
+        with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, LANES))) as loop:
+            k = _load_row(builder, cache.dtype, row, loop.index)
+            for g in range(n):
+                qv = _load_row(builder, types.float32, heads[g], loop.index)
+                builder.store(_fma(builder, k, qv, builder.load(accs[g])), accs[g])
+        sums = builder.fmul(_hsums(builder, [builder.load(a) for a in accs]),
+                            _splat(builder, context.cast(builder, scale_v, sig.args[7], types.float32), LANES))
+        out = _ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
+        if n == 1:
+            builder.store(builder.extract_element(sums, ir.Constant(_I32, 0)), out)
+        else:
+            first = ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)])
+            part = builder.shuffle_vector(sums, sums, first)
+            builder.store(part, builder.bitcast(out, part.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(cache, cidx, q, qidx, sc, sidx, width, scale), codegen
+
+
+def _exp(builder, x):  # noqa: ANN001, ANN202
+    """exp(x) for <8 x float> x <= 0 (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r
+    times 2^k built in the exponent bits; within 2 ulp). Below -87, where exp(x) is under f32's normal range,
+    the result is that of -87 (1.6e-38: nothing a softmax weight can tell from 0)."""
+
+    def c(v: float):  # noqa: ANN202
+        return _splat(builder, ir.Constant(_F32, v), LANES)
+
+    x = _call(builder, "llvm.maxnum.v8f32", _V, x, c(-87.0))
+    k = _call(builder, "llvm.rint.v8f32", _V, builder.fmul(x, c(1.44269504088896341)))
+    r = _fma(builder, k, c(-0.693359375), x)
+    r = _fma(builder, k, c(2.12194440e-4), r)
+    p = c(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = _fma(builder, p, r, c(coef))
+    p = _fma(builder, p, builder.fmul(r, r), builder.fadd(r, c(1.0)))
+    i32s = ir.VectorType(_I32, LANES)
+    two_k = builder.shl(builder.add(builder.fptosi(k, i32s), _splat(builder, ir.Constant(_I32, 127), LANES)),
+                        _splat(builder, ir.Constant(_I32, 23), LANES))
+    return builder.fmul(p, builder.bitcast(two_k, _V))
+
+
+@intrinsic
+def softmax_exp(typingctx, sc, n, norm, unit):
+    """For each of sc's columns (sc [S, Gp], Gp a multiple of 8): sc[j] = exp(sc[j] - max) over rows j < n, and
+    norm[col] = unit / sum of them. The weights stay unnormalised: the caller scales the output by norm."""
+    if not (isinstance(sc, types.Array) and sc.ndim == 2 and sc.dtype == types.float32):
+        return None
+    if not isinstance(n, types.Integer):
+        return None
+    if not (isinstance(norm, types.Array) and norm.ndim == 1 and norm.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sc_v, n_v, norm_v, unit_v = args
+        intp = context.get_value_type(types.intp)
+        rows = context.cast(builder, n_v, sig.args[1], types.intp)
+        width = _len(context, builder, sig.args[0], sc_v, 1)
+        base = builder.bitcast(context.make_array(sig.args[0])(context, builder, sc_v).data, _F32.as_pointer())
+        out = builder.bitcast(context.make_array(sig.args[2])(context, builder, norm_v).data, _F32.as_pointer())
+        unit = _splat(builder, context.cast(builder, unit_v, sig.args[3], types.float32), LANES)
+
+        def at(j, col):  # noqa: ANN001, ANN202 - the vector sc[j, col : col + 8]
+            return builder.bitcast(builder.gep(base, [builder.add(builder.mul(j, width), col)]), _V.as_pointer())
+
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), width, ir.Constant(intp, LANES)) as (col, _):
+            top = cgutils.alloca_once_value(builder, _splat(builder, ir.Constant(_F32, float("-inf")), LANES))
+            with cgutils.for_range(builder, rows) as loop:
+                v = builder.load(at(loop.index, col), align=4)
+                builder.store(_call(builder, "llvm.maxnum.v8f32", _V, v, builder.load(top)), top)
+            total = cgutils.alloca_once_value(builder, ir.Constant(_V, None))
+            with cgutils.for_range(builder, rows) as loop:
+                p = at(loop.index, col)
+                e = _exp(builder, builder.fsub(builder.load(p, align=4), builder.load(top)))
+                builder.store(e, p, align=4)
+                builder.store(builder.fadd(builder.load(total), e), total)
+            inv = builder.fdiv(unit, builder.load(total))
+            builder.store(inv, builder.bitcast(builder.gep(out, [col]), _V.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(sc, n, norm, unit), codegen
+
+
+@intrinsic
+def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
+    """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (j, g)] * (cache row at cidx + j) for g < width
+    (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
+    registers across the positions, 8 values of D at a time."""
+    if not (_cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(sc, sidx) and _index_ok(out, oidx)):
+        return None
+    if not (isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES):
+        return None
+    if not isinstance(n, types.Integer):
+        return None
+    w = width.literal_value
+
+    def codegen(context, builder, sig, args):
+        cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _ = args
+        intp = context.get_value_type(types.intp)
+        D = _len(context, builder, sig.args[0], cache_v, -1)
+        stride = _len(context, builder, sig.args[3], sc_v, 1)
+        rows = context.cast(builder, n_v, sig.args[2], types.intp)
+        first = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        weights = _ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v)
+        op = builder.bitcast(_ptr(context, builder, sig.args[5], out_v, sig.args[6], oidx_v), _F32.as_pointer())
+        heads = [builder.gep(op, [builder.mul(D, ir.Constant(intp, g))]) for g in range(w)]
+        with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, LANES))) as chunk:
+            c = chunk.index
+            spots = [builder.bitcast(builder.gep(h, [builder.mul(c, ir.Constant(intp, LANES))]), _V.as_pointer())
+                     for h in heads]
+            accs = [cgutils.alloca_once_value(builder, builder.load(s, align=4)) for s in spots]
+            with cgutils.for_range(builder, rows) as pos:
+                j = pos.index
+                v = _load_row(builder, cache.dtype, builder.gep(first, [builder.mul(j, D)]), c)
+                wj = builder.gep(weights, [builder.mul(j, stride)])
+                for g in range(w):
+                    p = _splat(builder, builder.load(builder.gep(wj, [ir.Constant(intp, g)])), LANES)
+                    builder.store(_fma(builder, p, v, builder.load(accs[g])), accs[g])
+            for s, a in zip(spots, accs, strict=True):
+                builder.store(builder.load(a), s, align=4)
+        return context.get_dummy_value()
+
+    return types.void(cache, cidx, n, sc, sidx, out, oidx, width), codegen

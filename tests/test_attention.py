@@ -1,0 +1,72 @@
+"""The attention kernel against a float64 numpy reference: f16 and f32 caches, every head tiling (8, 4 and 1
+heads a register tile), query-head ranges that cut KV groups (as ranks' shards do), batches of tokens in
+several cache slots, and depths over several value blocks."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from dmoe import attention
+
+
+def reference(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+              positions: np.ndarray) -> np.ndarray:
+    K, V = (c.view(np.float16).astype(np.float64) if c.dtype == np.uint16 else c.astype(np.float64)
+            for c in (k_cache, v_cache))
+    D = k_cache.shape[-1]
+    out = np.zeros(q.shape, np.float64)
+    for t in range(q.shape[0]):
+        n = positions[t] + 1
+        for kvh, (h0, h1) in enumerate(heads):
+            for h in range(h0, h1):
+                s = K[slots[t], kvh, :n] @ q[t, h * D:(h + 1) * D].astype(np.float64) / np.sqrt(D)
+                p = np.exp(s - s.max())
+                out[t, h * D:(h + 1) * D] = p @ V[slots[t], kvh, :n] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize(("D", "heads", "T", "depth", "kv_type"), [
+    (128, [(0, 8), (8, 16)], 1, 300, np.uint16),       # Qwen3-30B-A3B's group of 8, one decoded token
+    (128, [(0, 16)], 2, 200, np.uint16),                # Qwen3-235B-A22B's group of 16
+    (64, [(3, 6), (6, 8)], 4, 130, np.uint16),          # a rank's heads that cut the groups: 3 and 2 heads
+    (16, [(0, 6), (6, 12)], 5, 40, np.float32),         # a group of 6: a tile of 4, then 2 of 1
+    (32, [(0, 1)], 3, 70, np.float32),                  # multi-head attention: 1 query head a KV head
+    (32, [(0, 13)], 6, 90, np.uint16),                  # 8 + 4 + 1
+])
+def test_attend_matches_reference(D: int, heads: list[tuple[int, int]], T: int, depth: int, kv_type: type) -> None:
+    rng = np.random.default_rng(D + T + depth)
+    heads_arr = np.array(heads, np.int32)
+    n_kv, H = len(heads), heads[-1][1] - heads[0][0]
+    heads_arr -= heads_arr[0, 0]  # the rank's query heads are numbered from its first
+    q = (3 * rng.standard_normal((T, H * D))).astype(np.float32)
+    caches = [rng.standard_normal((3, n_kv, depth, D)).astype(np.float32) for _ in range(2)]
+    if kv_type == np.uint16:
+        caches = [c.astype(np.float16).view(np.uint16) for c in caches]
+    slots = rng.integers(0, 3, T)
+    positions = rng.integers(0, depth, T)
+    positions[0] = depth - 1  # one token sees the whole cache
+    threads, width = numba.get_num_threads(), attention.scratch_width(max(h1 - h0 for h0, h1 in heads))
+    out = np.full((T, H * D), np.nan, np.float32)
+    attention.attend(q, heads_arr, *caches, slots, positions, np.zeros((threads, depth, width), np.float32),
+                     np.zeros((threads, width), np.float32), out)
+    want = reference(q, heads_arr, *caches, slots, positions)
+    assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_softmax_takes_extreme_scores() -> None:
+    """Scores 200 apart (exp underflows for the small ones) and equal scores give the exact softmax."""
+    D, n = 8, 5
+    k = np.zeros((1, 1, n, D), np.float32)
+    k[0, 0, :, 0] = [0.0, -200.0, 0.0, -1.0, 30.0]
+    v = np.eye(n, D, dtype=np.float32)[None, None]
+    q = np.zeros((1, D), np.float32)
+    q[0, 0] = np.sqrt(D)  # scores = k[:, 0]
+    out = np.zeros((1, D), np.float32)
+    threads = numba.get_num_threads()
+    attention.attend(q, np.array([[0, 1]], np.int32), k, v, np.zeros(1, np.int64), np.array([n - 1]),
+                     np.zeros((threads, n, 8), np.float32), np.zeros((threads, 8), np.float32), out)
+    s = k[0, 0, :, 0].astype(np.float64)
+    want = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    np.testing.assert_allclose(out[0, :n], want, rtol=1e-6, atol=1e-30)
