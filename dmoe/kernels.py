@@ -150,9 +150,9 @@ class ExpertWeights:
             raise ValueError(f"quantised weights need cols divisible by {QK}, got {cols}")
         if fmt == DECODED_FORMAT:
             return (n_experts, groups, R // 8, cols // QK, DECODED_RECORD // 4), np.dtype(np.uint32)
-        dtype, _, panels, _ = _QUANT[fmt]  # the dtype tells the kernels the format
-        header = 2 * R // panels  # the panel's f16 scales
-        return (n_experts, groups, panels, cols // QK, header + 256), dtype  # [E, G, panels, nb, header + 256]
+        dtype, block_bytes, panels, _ = _QUANT[fmt]  # the dtype tells the kernels the format
+        rows = R // panels  # a panel's rows: its f16 scales, then their payloads
+        return (n_experts, groups, panels, cols // QK, rows * block_bytes), dtype  # [E, G, panels, nb, record]
 
     def _repack(self, raw: np.ndarray, qtype: QT, row0: int, col0: int) -> None:
         """Copy columns col0 .. col0 + cols of ggml rows raw [E, n, row_bytes] (uint8, any strides; rows of

@@ -6,9 +6,9 @@ Layout. A matrix [rows, cols] (or E of them, one per expert) is cut into groups 
 kernel runs across rows (vector lanes) instead of along one row, which would need a horizontal sum
 per block and defeats vectorisation:
 
-    Q4_0  uint8 [E, G, 2, nb, 288]  2 panels of 16 rows; per panel and block of 32 columns: the 16
-                                    rows' f16 scales (32 bytes), then 8 vectors of 32 bytes, vector
-                                    jp holding bytes 2jp, 2jp+1 of each row's 16 (ggml's bytes: low
+    Q4_0  uint8 [E, G, 4, nb, 144]  4 panels of 8 rows; per panel and block of 32 columns: the 8
+                                    rows' f16 scales (16 bytes), then 4 vectors of 32 bytes, vector
+                                    v holding bytes 4v..4v+3 of each row's 16 (ggml's bytes: low
                                     nibble weight j, high nibble weight j + 16); 18 bytes per 32
                                     weights, as in the file, in one sequential stream
     Q8_0  int8  [E, G, 4, nb, 272]  4 panels of 8 rows; per panel-block 8 f16 scales (16 bytes), then
@@ -38,9 +38,8 @@ Activations for the quantised formats are quantised to Q8_0 blockwise, as llama.
 the block dot is an integer dot (kernels_simd's micro-kernels): xq int8 [n, nb, 32], xd float32
 [n, nb] (the block scale, kept in f32), xs int16 [n, nb, 3] (8 * the block's sum of xq: Q4_0's offset
 of 8, subtracted once per block instead of once per weight; then the sums of its two halves, which
-the decoded layout's mins multiply). Q4_0 sums q * x with q = 0..15 in int16
-lanes, which can wrap, but the wanted sum of (q - 8) * x lies within +-8 * 127 * 32 = +-32512, so
-after the subtraction it comes out exact. The float formats use the f32 activation directly. An
+the decoded layout's mins multiply). Q4_0 sums q * x with q = 0..15 exactly in int32 lanes and
+subtracts 8 * sum x. The float formats use the f32 activation directly. An
 activation is passed as `act = (xf, xq, xd, xs)` whatever the format; the generic functions below
 dispatch on the weight array's dtype (`numba.extending.overload`), so the drivers are written once.
 
@@ -66,9 +65,7 @@ from .kernels_simd import (
     SUPER_FORMATS,
     decoded_block_dot,
     float_rows_dot,
-    q4_0_isums,
-    q8_0_isums,
-    scale_add,
+    quant_panel_dot,
     super_block_dot,
     super_geometry,
 )
@@ -81,7 +78,7 @@ QK = 32  # weights per ggml block
 TOKENS = 4  # tokens per micro-kernel call: the unpacked weights in registers serve 4 tokens
 
 # storage dtype name -> (qtype name, ggml block bytes, panels per group, bytes per row per 32-byte vector)
-QUANT_LAYOUT = {"uint8": ("Q4_0", 18, 2, 2), "int8": ("Q8_0", 34, 4, 4)}
+QUANT_LAYOUT = {"uint8": ("Q4_0", 18, 4, 4), "int8": ("Q8_0", 34, 4, 4)}
 DECODED_RECORD = 320  # bytes per panel-block of the decoded layout: 8 rows x 32 weights
 _BYTE_FORMATS = (types.uint8, types.int8, types.uint32)  # Q4_0, Q8_0, decoded
 _SUPER = tuple(getattr(types, name) for name in SUPER_FORMATS)
@@ -113,7 +110,7 @@ def _geometry_impl(dst):
 
 @njit(parallel=True, cache=True)
 def repack_quant(src, row0, dst):
-    """Q4_0/Q8_0 rows -> dst [E, G, panels, nb, header + 256]: row r of a group goes to panel
+    """Q4_0/Q8_0 rows -> dst [E, G, panels, nb, record]: row r of a group goes to panel
     r // rows_per_panel; its scale to header bytes 2r', 2r'+1 and its payload bytes unit*v ..
     unit*v + unit - 1 to vector v, lane bytes unit*r' .. (r' = the row within its panel)."""
     block_bytes, unit, rows_per_panel = _geometry(dst)
@@ -267,46 +264,18 @@ def dot_group(w, wcol, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - t
     super-block layouts only)."""
 
 
-def _block_isums(isa, w, widx, xq, rows, b):  # pragma: no cover - typed by the overload below
-    """Integer sums of one panel-block against the Q8_0 blocks of tokens `rows` (a tuple)."""
-
-
-@overload(_block_isums, inline="always")
-def _block_isums_impl(isa, w, widx, xq, rows, b):
-    kernel = q4_0_isums if w.dtype == types.uint8 else q8_0_isums
-    return lambda isa, w, widx, xq, rows, b: kernel(isa, w, widx, xq, rows, b)
-
-
-def _offset(w, xs, t, b):  # pragma: no cover - typed by the overload below
-    """What to subtract from a block's integer sums: 8 * sum x for Q4_0's offset, 0 for Q8_0."""
-
-
-@overload(_offset, inline="always")
-def _offset_impl(w, xs, t, b):
-    if w.dtype == types.uint8:
-        return lambda w, xs, t, b: xs[t, b, 0]
-    return lambda w, xs, t, b: np.int32(0)
-
-
-@njit(inline="always")
-def _block_tokens(w, e, g, p, b, act, rows, i0, acc, isa):
-    """Block b of panel p of group g times the tokens `rows` (a tuple), into acc[i0 : i0 + len(rows)]."""
-    xq, xd, xs = act[1], act[2], act[3]
-    sums = _block_isums(isa, w, (e, g, p, b, w.shape[4] - 256), xq, rows, b)
-    for u in range(len(rows)):
-        scale_add(acc, i0 + u, p, sums[u], _offset(w, xs, rows[u], b), w, (e, g, p, b, 0), xd[rows[u], b])
-
-
 def _dot_group_quant(w, wcol, e, g, act, toks, ntok, acc, isa):
-    """Blocks outermost, so that a block, once loaded, stays in L1 for every token of the tile."""
+    """Panel by panel, the tokens TOKENS at a time: a panel (144 or 272 bytes a block) stays in L1 for every
+    tile of tokens."""
+    xq, xd, xs = act[1], act[2], act[3]
     for p in range(w.shape[2]):
-        for b in range(w.shape[3]):
-            i = 0
-            while ntok - i >= TOKENS:
-                _block_tokens(w, e, g, p, b, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), i, acc, isa)
-                i += TOKENS
-            for j in range(i, ntok):
-                _block_tokens(w, e, g, p, b, act, (toks[j],), j, acc, isa)
+        i = 0
+        while ntok - i >= TOKENS:
+            quant_panel_dot(isa, w, (e, g, p, 0, 0), xq, xd, xs, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]),
+                            acc, i, p)
+            i += TOKENS
+        for j in range(i, ntok):
+            quant_panel_dot(isa, w, (e, g, p, 0, 0), xq, xd, xs, (toks[j],), acc, j, p)
 
 
 def _dot_group_float(w, wcol, e, g, act, toks, ntok, acc, isa):

@@ -1,8 +1,7 @@
-"""The weight kernels' inner loops, written as LLVM IR through numba intrinsics: the integer
-block-dot micro-kernels of the quantised formats (`q4_0_isums`, `q8_0_isums`), which return a `Vec`
-(an LLVM vector, kept in registers) of per-row sums; `scale_add`, which scales such sums into an f32
-accumulator tile; `decoded_block_dot` and `super_block_dot`, which do both for the decoded and the
-super-block layouts (K-quants, IQ4_XS); `float_rows_dot` for the float formats; and `stack_array`,
+"""The weight kernels' inner loops, written as LLVM IR through numba intrinsics: `quant_panel_dot`, one
+8-row panel of the Q4_0 or Q8_0 layout times a few tokens, with f32 sums kept in registers across its
+blocks; `decoded_block_dot` and `super_block_dot`, the same for the decoded and the super-block layouts
+(K-quants, IQ4_XS); `float_rows_dot` for the float formats; and `stack_array`,
 per-thread scratch.
 Written by hand because numba's auto-vectoriser, given the same loops, vectorises along a row (one
 horizontal sum per block), spills the accumulators, or (f32) does not vectorise at all: 5-20x
@@ -10,9 +9,9 @@ slower. Here every vector lane is one weight row of the interleaved layouts (ker
 
 Everything is target-independent LLVM IR (LLVM lowers it to AVX2, SSE, NEON or scalars) except in
 the micro-kernels, which have up to three lowerings chosen by their run-time `isa` argument: ISA_AVX2
-uses x86's `vpmaddubsw` (32 unsigned x signed byte products summed in pairs, in one instruction; there
-is no generic IR that LLVM turns into it), ISA_VNNI adds `vpdpbusd` (4-byte dots added into int32
-lanes, AVX-VNNI or AVX512-VNNI) where the sums are int32, and ISA_GENERIC is the equivalent portable
+uses x86's `vpmaddubsw` + `vpmaddwd` (32 unsigned x signed byte products summed in pairs, then in
+fours; there is no generic IR that LLVM turns into them), ISA_VNNI `vpdpbusd` (4-byte dots added into
+int32 lanes in one instruction, AVX-VNNI or AVX512-VNNI), and ISA_GENERIC is the equivalent portable
 IR. The branch sits outside the unrolled block, once per 256-512 multiply-adds. Only the lowerings
 the host runs are emitted, so nothing x86-only reaches LLVM elsewhere; the tests run each of them.
 """
@@ -23,11 +22,11 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "HOST_ISA", "Vec", "stack_array", "q4_0_isums", "q8_0_isums",
-           "scale_add", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "HOST_ISA", "stack_array", "quant_panel_dot",
+           "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
            "float_rows_dot"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2, ISA_VNNI = 0, 1, 2
@@ -42,20 +41,6 @@ _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # flight to stream from RAM (or even L3) at full speed with the hardware prefetcher alone; hinting
 # ~7 blocks ahead took one thread from ~10 to ~14-16 GB/s on the 2-core dev box (1024-4096 similar).
 PREFETCH_BYTES = 2048
-
-
-class Vec(types.Type):
-    """`lanes` values of the numba scalar type `dtype`, as one LLVM vector."""
-
-    def __init__(self, dtype: types.Number, lanes: int) -> None:
-        self.dtype, self.lanes = dtype, lanes
-        super().__init__(name=f"Vec({dtype}, {lanes})")
-
-
-@register_model(Vec)
-class _VecModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type: Vec) -> None:  # noqa: ANN001 - numba's model manager
-        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.lanes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,13 +123,10 @@ def _call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202
     return builder.call(fn, list(args))
 
 
-def _maddubs(builder, level: int, u, s):  # noqa: ANN001, ANN202
-    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed). The
-    generic form does not saturate as vpmaddubsw does; the kernels keep every pair sum within int16."""
-    if level:
-        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
-    wide = ir.VectorType(_I16, 32)
-    return _pairwise_add(builder, builder.mul(builder.zext(u, wide), builder.sext(s, wide)))
+def _maddubs(builder, u, s):  # noqa: ANN001, ANN202
+    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed), saturated: x86's
+    vpmaddubsw (the kernels keep every pair sum within int16)."""
+    return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
 
 
 def _by_isa(context, builder, isa, emit):  # noqa: ANN001, ANN202
@@ -205,51 +187,6 @@ def stack_array(n, dtype, shape):  # pragma: no cover - inlined into kernels
 # `w[widx]` is the first byte of the panel-block's payload; `xq[xrows[u], b]` the token's block.
 
 
-def _block_dot_intrinsic(payload: Vec, emit_one):  # noqa: ANN001, ANN202
-    """An intrinsic (isa, w, widx, xq, xrows, b) -> UniTuple(Vec, len(xrows)) whose codegen runs
-    emit_one(builder, level, wptr, xptrs) -> list of per-token vectors."""
-
-    def typer(typingctx, isa, w, widx, xq, xrows, b):
-        if not (_index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
-            return None
-        if not (isinstance(xrows, types.UniTuple) and isinstance(isa, types.Integer) and isinstance(b, types.Integer)):
-            return None
-        out = types.UniTuple(payload, len(xrows))
-
-        def codegen(context, builder, sig, args):
-            isa_v, w_v, widx_v, xq_v, xrows_v, b_v = args
-            wptr = _ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v)
-            zero = context.get_constant(types.intp, 0)
-            blk = context.cast(builder, b_v, sig.args[5], types.intp)
-            rows = [
-                context.cast(builder, r, sig.args[4].dtype, types.intp) for r in cgutils.unpack_tuple(builder, xrows_v)
-            ]
-            xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [row, blk, zero]) for row in rows]
-            _prefetch(builder, wptr, PREFETCH_BYTES, 256 + 64)
-            vecs = _by_isa(context, builder, isa_v, lambda level: emit_one(builder, level, wptr, xptrs))
-            return context.make_tuple(builder, out, vecs)
-
-        return out(isa, w, widx, xq, xrows, b), codegen
-
-    return intrinsic(typer)
-
-
-def _emit_q4_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
-    """16 rows: 8 vectors of 32 bytes, vector jp holding bytes 2jp and 2jp+1 of each row's 16 (low
-    nibble: weight j, high nibble: weight j + 16). Sums of q * x with q = 0..15, in int16 lanes with
-    wrap-around (the caller subtracts 8 * sum x, after which the value is exact; see kernels_formats)."""
-    acc = [ir.Constant(ir.VectorType(_I16, 16), None) for _ in xptrs]
-    low = _const_vec(_I8, 0x0F, 32)
-    for jp in range(8):
-        v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * jp)
-        lo, hi = builder.and_(v, low), builder.lshr(v, _const_vec(_I8, 4, 32))
-        for u, xp in enumerate(xptrs):
-            xl, xh = _broadcast(builder, xp, 2 * jp, _I16), _broadcast(builder, xp, 16 + 2 * jp, _I16)
-            both = builder.add(_maddubs(builder, level, lo, xl), _maddubs(builder, level, hi, xh))
-            acc[u] = builder.add(acc[u], both)
-    return acc
-
-
 def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
     """acc + <8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x
     (signed). w is unsigned (0..127) when absw is None, else signed with absw = |w|. On x86 the unsigned
@@ -262,7 +199,7 @@ def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
             i32s = ir.VectorType(_I32, 8)
             return _call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
                          builder.bitcast(s, i32s))
-        pairs = _maddubs(builder, True, u, s)
+        pairs = _maddubs(builder, u, s)
         return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs,
                                       _const_vec(_I16, 1, 16)))
     wide = ir.VectorType(_I32, 32)
@@ -288,42 +225,86 @@ def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # no
     return acc
 
 
+def _emit_q4_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
+    """8 rows: 4 vectors of 32 bytes, vector v holding bytes 4v..4v+3 of each row's 16 (low nibbles: weights
+    4v..4v+3, high nibbles: 16+4v..16+4v+3). Exact int32 sums of q * x with q = 0..15 (unsigned: vpdpbusd's
+    own operand form, no sign trick); the caller subtracts 8 * sum x. Each token's products go into 4
+    independent sums added at the end: one chain of 8 dependent vpdpbusd would wait on their latency."""
+    zero = ir.Constant(ir.VectorType(_I32, 8), None)
+    acc = [[zero] * 4 for _ in xptrs]
+    low, four = _const_vec(_I8, 0x0F, 32), _const_vec(_I8, 4, 32)
+    for v in range(4):
+        nib = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * v)
+        lo, hi = builder.and_(nib, low), builder.and_(builder.lshr(nib, four), low)
+        for u, xp in enumerate(xptrs):
+            c = 2 * (v % 2)
+            acc[u][c] = _quads(builder, level, lo, None, _broadcast(builder, xp, 4 * v, _I32), acc[u][c])
+            acc[u][c + 1] = _quads(builder, level, hi, None, _broadcast(builder, xp, 16 + 4 * v, _I32), acc[u][c + 1])
+    return [builder.add(builder.add(a[0], a[1]), builder.add(a[2], a[3])) for a in acc]
+
+
 def _emit_q8_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums."""
     return _i8_vectors(builder, level, wptr, xptrs, 0, 8)
 
 
-q4_0_isums = _block_dot_intrinsic(Vec(types.int16, 16), _emit_q4_0)
-q8_0_isums = _block_dot_intrinsic(Vec(types.int32, 8), _emit_q8_0)
+_QUANT_EMITTERS = {types.uint8: (_emit_q4_0, 8), types.int8: (_emit_q8_0, 0)}  # dtype -> (emitter, offset)
 
 
 @intrinsic
-def scale_add(typingctx, acc, i, p, sums, offset, w, widx, dx):
-    """acc[i, p*L + l] += float(sums[l] - offset) * half(w[widx] bytes 2l..2l+1) * dx for the L lanes of
-    sums: a panel-block's integer sums, less Q4_0's offset, scaled by the rows' f16 block scales (the
-    panel-block's header) and the token's block scale, added to the f32 accumulator tile."""
-    if not (isinstance(sums, Vec) and isinstance(acc, types.Array) and acc.ndim == 2 and _index_ok(w, widx)):
+def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
+    """Every block of one 8-row panel of the Q4_0 or Q8_0 layout (w[widx]: its first record: 8 f16 scales, then
+    the payload) times the Q8_0 blocks of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]:
+        sum over blocks b of d[b] * xd[t, b] * (isum[b] - offset * sum x[t, b])
+    with isum the exact int32 sums of the emitter. The f32 sums stay in registers across the blocks, and
+    the row-scales, once loaded, serve every token of the tile."""
+    if not (_index_ok(w, widx) and w.dtype in _QUANT_EMITTERS and isinstance(xrows, types.UniTuple)):
         return None
-    lanes = sums.lanes
+    if not (isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8 and isinstance(acc, types.Array)):
+        return None
+    emit_one, offset = _QUANT_EMITTERS[w.dtype]
 
     def codegen(context, builder, sig, args):
-        acc_v, i_v, p_v, sums_v, off_v, w_v, widx_v, dx_v = args
-        ity = sig.args[1]
-        col = builder.mul(context.cast(builder, p_v, sig.args[2], types.intp), context.get_constant(types.intp, lanes))
-        aptr = _ptr_at(context, builder, sig.args[0], acc_v, [context.cast(builder, i_v, ity, types.intp), col])
-        f32s = ir.VectorType(ir.FloatType(), lanes)
-        off = context.cast(builder, off_v, sig.args[4], sums.dtype)
-        ints = builder.sub(sums_v, _splat(builder, off, lanes))
-        hdr = _ptr(context, builder, sig.args[5], w_v, sig.args[6], widx_v)
-        scale = builder.fpext(_load(builder, hdr, ir.VectorType(ir.HalfType(), lanes)), f32s)
-        dxs = _splat(builder, context.cast(builder, dx_v, sig.args[7], types.float32), lanes)
-        total = builder.fadd(
-            _load(builder, aptr, f32s), builder.fmul(builder.sitofp(ints, f32s), builder.fmul(scale, dxs))
-        )
-        builder.store(total, builder.bitcast(aptr, f32s.as_pointer()), align=1)
+        isa_v, w_v, widx_v, xq_v, xd_v, xs_v, xrows_v, acc_v, i0_v, p_v = args
+        intp = types.intp
+
+        def const(v: int):  # noqa: ANN202
+            return context.get_constant(intp, v)
+
+        first = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
+        wary = context.make_array(sig.args[1])(context, builder, w_v)
+        shape = cgutils.unpack_tuple(builder, wary.shape)
+        n_blocks, record = shape[3], shape[4]
+        rows = [context.cast(builder, r, sig.args[6].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
+        f32s = ir.VectorType(ir.FloatType(), 8)
+        F = [cgutils.alloca_once_value(builder, ir.Constant(f32s, None)) for _ in rows]  # promoted to registers
+        with cgutils.for_range(builder, n_blocks) as loop:
+            blk = loop.index
+            rec = builder.gep(first, [builder.mul(blk, record)])
+            pay = builder.gep(rec, [const(16)])
+            _prefetch(builder, rec, PREFETCH_BYTES, 16 + (128 if offset else 256))
+            xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, const(0)]) for r in rows]
+            sums = _by_isa(context, builder, isa_v, lambda level: emit_one(builder, level, pay, xptrs))
+            d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8)), f32s)
+            for u, r in enumerate(rows):
+                isum = sums[u]
+                if offset:
+                    total = builder.sext(builder.load(_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, const(0)])),
+                                         _I32)
+                    isum = builder.sub(isum, _splat(builder, total, 8))
+                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 8)
+                scaled = builder.fmul(d, dx)
+                builder.store(_call(builder, "llvm.fmuladd.v8f32", f32s, builder.sitofp(isum, f32s), scaled,
+                                    builder.load(F[u])), F[u])
+        col = builder.mul(context.cast(builder, p_v, sig.args[9], intp), const(8))
+        first_row = context.cast(builder, i0_v, sig.args[8], intp)
+        for u in range(len(rows)):
+            at = _ptr_at(context, builder, sig.args[7], acc_v, [builder.add(first_row, const(u)), col])
+            aptr = builder.bitcast(at, f32s.as_pointer())
+            builder.store(builder.fadd(builder.load(aptr, align=1), builder.load(F[u])), aptr, align=1)
         return context.get_dummy_value()
 
-    return types.void(acc, i, p, sums, offset, w, widx, dx), codegen
+    return types.void(isa, w, widx, xq, xd, xs, xrows, acc, i0, p), codegen
 
 
 @intrinsic
