@@ -44,7 +44,7 @@ from .kernels_formats import (
     repack_super,
     super_geometry,
 )
-from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, ISA_VNNI, stack_array
+from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512, stack_array
 
 __all__ = [
     "Weight",
@@ -57,6 +57,7 @@ __all__ = [
     "ISA_GENERIC",
     "ISA_AVX2",
     "ISA_VNNI",
+    "ISA_VNNI512",
 ]
 
 TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
@@ -101,11 +102,12 @@ if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & os.environ.
 
 
 def set_isa(isa: int) -> None:
-    """Choose the quantised micro-kernels' lowering: ISA_VNNI (the default where the CPU has AVX-VNNI or
-    AVX512-VNNI), ISA_AVX2 (the default where it has AVX2 only) or ISA_GENERIC (portable LLVM IR, the
-    default elsewhere); any lowering up to the host's is selectable, for testing."""
+    """Choose the quantised micro-kernels' lowering: ISA_VNNI512 (the default on AMD's AVX-512 cores: Q4_0 in
+    512-bit vectors), ISA_VNNI (where the CPU has AVX-VNNI or AVX512-VNNI), ISA_AVX2 (AVX2 only) or
+    ISA_GENERIC (portable LLVM IR, the default elsewhere); any lowering up to the host's is selectable, for
+    testing."""
     global _isa
-    if isa not in (ISA_GENERIC, ISA_AVX2, ISA_VNNI) or isa > HOST_ISA:
+    if isa not in (ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512) or isa > HOST_ISA:
         raise ValueError(f"isa {isa} is not available on this CPU")
     _isa = isa
 

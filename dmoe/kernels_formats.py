@@ -265,10 +265,10 @@ def dot_group(w, wcol, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - t
 
 
 def _dot_group_quant(w, wcol, e, g, act, toks, ntok, acc, isa):
-    """Panel by panel, the tokens TOKENS at a time: a panel (144 or 272 bytes a block) stays in L1 for every
-    tile of tokens."""
+    """Two panels at a time, the tokens TOKENS at a time: the panels (144 or 272 bytes a block each) stay in
+    L1 for every tile of tokens."""
     xq, xd, xs = act[1], act[2], act[3]
-    for p in range(w.shape[2]):
+    for p in range(0, w.shape[2], 2):
         i = 0
         while ntok - i >= TOKENS:
             quant_panel_dot(isa, w, (e, g, p, 0, 0), xq, xd, xs, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]),

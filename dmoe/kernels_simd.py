@@ -25,16 +25,21 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "HOST_ISA", "stack_array", "quant_panel_dot",
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "ISA_VNNI512", "HOST_ISA", "stack_array", "quant_panel_dot",
            "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
            "float_rows_dot"]  # fmt: skip
 
-ISA_GENERIC, ISA_AVX2, ISA_VNNI = 0, 1, 2
+ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512 = 0, 1, 2, 3
 _FEATURES = llvm.get_host_cpu_features()
 _HOST_AVX2 = bool(_FEATURES.get("avx2", False))
 _HOST_VNNI = _HOST_AVX2 and bool(_FEATURES.get("avxvnni") or
                                  (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
-HOST_ISA = ISA_VNNI if _HOST_VNNI else ISA_AVX2 if _HOST_AVX2 else ISA_GENERIC  # the fastest lowering here
+# 512-bit vectors only where LLVM's tuning for the CPU keeps them whole: for CPUs it tunes to prefer 256-bit
+# vectors (Intel's AVX-512 cores) it would split the 512-bit operations it can and fail on the intrinsics
+_HOST_VNNI512 = (_HOST_VNNI and bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+                 and llvm.get_host_cpu_name() in ("znver4", "znver5"))
+_HOST_LEVELS = {ISA_VNNI512: _HOST_VNNI512, ISA_VNNI: _HOST_VNNI, ISA_AVX2: _HOST_AVX2}
+HOST_ISA = max([lv for lv, ok in _HOST_LEVELS.items() if ok], default=ISA_GENERIC)  # the fastest lowering here
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # Software prefetch distance of the weight stream: a single core keeps too few cache misses in
@@ -129,19 +134,19 @@ def _maddubs(builder, u, s):  # noqa: ANN001, ANN202
     return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
 
 
-def _by_isa(context, builder, isa, emit):  # noqa: ANN001, ANN202
-    """emit(level) -> list of values, for each lowering this host runs (level ISA_GENERIC = 0, falsy; ISA_AVX2
-    or ISA_VNNI: emitters test `level` for any x86 path and `level == ISA_VNNI` for vpdpbusd), under a branch
-    on the run-time isa."""
-    levels = [lv for lv, ok in ((ISA_VNNI, _HOST_VNNI), (ISA_AVX2, _HOST_AVX2)) if ok]
+def _by_isa(context, builder, isa, emit, top: int = ISA_VNNI):  # noqa: ANN001, ANN202
+    """emit(level) -> list of values, for each lowering up to `top` this host runs (level ISA_GENERIC = 0, falsy;
+    ISA_AVX2, ISA_VNNI or ISA_VNNI512: emitters test `level` for any x86 path and `level == ISA_VNNI` for
+    vpdpbusd), under a branch on the run-time isa: a kernel without a lowering for it takes the best below."""
+    levels = [lv for lv in sorted(_HOST_LEVELS, reverse=True) if lv <= top and _HOST_LEVELS[lv]]
     if not levels:
         return emit(ISA_GENERIC)
     return _branch(builder, isa, levels, emit)
 
 
 def _branch(builder, isa, levels, emit):  # noqa: ANN001, ANN202
-    """isa == levels[0] ? emit(levels[0]) : (the same over the rest, then ISA_GENERIC), merged by phis."""
-    chosen = builder.icmp_signed("==", isa, ir.Constant(isa.type, levels[0]))
+    """isa >= levels[0] ? emit(levels[0]) : (the same over the rest, then ISA_GENERIC), merged by phis."""
+    chosen = builder.icmp_signed(">=", isa, ir.Constant(isa.type, levels[0]))
     with builder.if_else(chosen) as (then, otherwise):
         with then:
             fast, fast_block = emit(levels[0]), builder.block
@@ -243,6 +248,28 @@ def _emit_q4_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     return [builder.add(builder.add(a[0], a[1]), builder.add(a[2], a[3])) for a in acc]
 
 
+def _concat(builder, a, b):  # noqa: ANN001, ANN202
+    """The vectors a and b (of one type) as one vector of twice the lanes."""
+    n = 2 * a.type.count
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)]))
+
+
+def _emit_q4_0_pair(builder, pays, xptrs):  # noqa: ANN001, ANN202
+    """_emit_q4_0 for two panels at once (16 rows) in 512-bit vectors, by vpdpbusd on zmm registers: the two
+    panels' 32-byte vectors joined, each token's 4 bytes broadcast to 64. <16 x i32> a token."""
+    i32s = ir.VectorType(_I32, 16)
+    acc = [[ir.Constant(i32s, None)] * 2 for _ in xptrs]
+    low, four = _const_vec(_I8, 0x0F, 64), _const_vec(_I8, 4, 64)
+    for v in range(4):
+        nib = _concat(builder, *(_load(builder, p, ir.VectorType(_I8, 32), 32 * v) for p in pays))
+        halves = builder.and_(nib, low), builder.and_(builder.lshr(nib, four), low)
+        for u, xp in enumerate(xptrs):
+            for h, q in enumerate(halves):
+                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), 16)
+                acc[u][h] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, acc[u][h], builder.bitcast(q, i32s), x)
+    return [builder.add(a[0], a[1]) for a in acc]
+
+
 def _emit_q8_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     """8 rows: 8 vectors of 32 bytes, vector q holding weights 4q..4q+3 of each row. Exact int32 sums."""
     return _i8_vectors(builder, level, wptr, xptrs, 0, 8)
@@ -253,16 +280,22 @@ _QUANT_EMITTERS = {types.uint8: (_emit_q4_0, 8), types.int8: (_emit_q8_0, 0)}  #
 
 @intrinsic
 def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
-    """Every block of one 8-row panel of the Q4_0 or Q8_0 layout (w[widx]: its first record: 8 f16 scales, then
-    the payload) times the Q8_0 blocks of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]:
+    """Every block of two adjacent 8-row panels p, p + 1 of the Q4_0 or Q8_0 layout (w[widx]: panel p's first
+    record: 8 f16 scales, then the payload) times the Q8_0 blocks of the tokens xrows, added into
+    acc[i0 + u, 8p .. 8p + 15]:
         sum over blocks b of d[b] * xd[t, b] * (isum[b] - offset * sum x[t, b])
     with isum the exact int32 sums of the emitter. The f32 sums stay in registers across the blocks, and
-    the row-scales, once loaded, serve every token of the tile."""
-    if not (_index_ok(w, widx) and w.dtype in _QUANT_EMITTERS and isinstance(xrows, types.UniTuple)):
+    the rows' scales, once loaded, serve every token of the tile. The two panels go as one 512-bit vector
+    where the host has them (ISA_VNNI512, Q4_0), else as two of 256 bits."""
+    if not (_index_ok(w, widx) and w.dtype in _QUANT_EMITTERS and w.layout == "C"):
+        return None
+    if not isinstance(xrows, types.UniTuple):
         return None
     if not (isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8 and isinstance(acc, types.Array)):
         return None
     emit_one, offset = _QUANT_EMITTERS[w.dtype]
+    top = ISA_VNNI512 if w.dtype == types.uint8 else ISA_VNNI
+    payload = 128 if offset else 256
 
     def codegen(context, builder, sig, args):
         isa_v, w_v, widx_v, xq_v, xd_v, xs_v, xrows_v, acc_v, i0_v, p_v = args
@@ -275,27 +308,37 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
         wary = context.make_array(sig.args[1])(context, builder, w_v)
         shape = cgutils.unpack_tuple(builder, wary.shape)
         n_blocks, record = shape[3], shape[4]
+        second = builder.gep(first, [builder.mul(n_blocks, record)])  # panel p + 1's first record
         rows = [context.cast(builder, r, sig.args[6].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
-        f32s = ir.VectorType(ir.FloatType(), 8)
+        f32s = ir.VectorType(ir.FloatType(), 16)
         F = [cgutils.alloca_once_value(builder, ir.Constant(f32s, None)) for _ in rows]  # promoted to registers
+
+        def emit(level, pays, xptrs):  # noqa: ANN001, ANN202
+            if level == ISA_VNNI512:
+                return _emit_q4_0_pair(builder, pays, xptrs)
+            halves = [emit_one(builder, level, pay, xptrs) for pay in pays]
+            return [_concat(builder, a, b) for a, b in zip(*halves, strict=True)]
+
         with cgutils.for_range(builder, n_blocks) as loop:
             blk = loop.index
-            rec = builder.gep(first, [builder.mul(blk, record)])
-            pay = builder.gep(rec, [const(16)])
-            _prefetch(builder, rec, PREFETCH_BYTES, 16 + (128 if offset else 256))
+            recs = [builder.gep(base, [builder.mul(blk, record)]) for base in (first, second)]
+            pays = [builder.gep(rec, [const(16)]) for rec in recs]
+            for rec in recs:
+                _prefetch(builder, rec, PREFETCH_BYTES, 16 + payload)
             xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, const(0)]) for r in rows]
-            sums = _by_isa(context, builder, isa_v, lambda level: emit_one(builder, level, pay, xptrs))
-            d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8)), f32s)
+            sums = _by_isa(context, builder, isa_v, lambda level: emit(level, pays, xptrs), top)
+            halves = ir.VectorType(ir.HalfType(), 8)
+            d = _concat(builder, *(builder.fpext(_load(builder, rec, halves), ir.VectorType(ir.FloatType(), 8))
+                                   for rec in recs))
             for u, r in enumerate(rows):
                 isum = sums[u]
                 if offset:
-                    total = builder.sext(builder.load(_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, const(0)])),
-                                         _I32)
-                    isum = builder.sub(isum, _splat(builder, total, 8))
-                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 8)
-                scaled = builder.fmul(d, dx)
-                builder.store(_call(builder, "llvm.fmuladd.v8f32", f32s, builder.sitofp(isum, f32s), scaled,
-                                    builder.load(F[u])), F[u])
+                    at = _ptr_at(context, builder, sig.args[5], xs_v, [r, blk, const(0)])
+                    isum = builder.sub(isum, _splat(builder, builder.sext(builder.load(at), _I32), 16))
+                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 16)
+                total = _call(builder, "llvm.fmuladd.v16f32", f32s, builder.sitofp(isum, f32s), builder.fmul(d, dx),
+                              builder.load(F[u]))
+                builder.store(total, F[u])
         col = builder.mul(context.cast(builder, p_v, sig.args[9], intp), const(8))
         first_row = context.cast(builder, i0_v, sig.args[8], intp)
         for u in range(len(rows)):

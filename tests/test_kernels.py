@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
 from dmoe.blocks import DECODED, random_blocks
-from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, RowStack, moe_forward, pack_experts, pack_weight
+from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512, RowStack, moe_forward, pack_experts, pack_weight
 from dmoe.kernels_simd import HOST_ISA
 
 DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
@@ -29,8 +29,8 @@ SUPER_BLOCK_TYPES = {QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS}  # those with a compa
 QUANTISED = {QT.Q4_0, QT.Q8_0, *DECODED_TYPES}
 # Every format; the quantised ones with each micro-kernel lowering this CPU runs (the portable
 # generic one always). The ISA does not matter to the float formats.
-ISAS = [isa for isa in (ISA_GENERIC, ISA_AVX2, ISA_VNNI) if isa <= HOST_ISA]
-ISA_NAMES = {ISA_GENERIC: "generic", ISA_AVX2: "avx2", ISA_VNNI: "vnni"}
+ISAS = [isa for isa in (ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512) if isa <= HOST_ISA]
+ISA_NAMES = {ISA_GENERIC: "generic", ISA_AVX2: "avx2", ISA_VNNI: "vnni", ISA_VNNI512: "vnni512"}
 CASES = [(q, isa) for q in (QT.Q4_0, QT.Q8_0) for isa in ISAS] + [(q, HOST_ISA) for q in (QT.F32, QT.F16, QT.BF16)]
 
 
