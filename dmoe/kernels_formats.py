@@ -300,8 +300,9 @@ def _dot_group_decoded(w, wcol, e, g, act, toks, ntok, acc, isa):
 
 @njit(inline="always")
 def _super_records(isa, w, e, g, p, blocks, nb, act, tile, acc, i0):
-    """The nb // blocks records of panel p (`blocks` per record) times the tokens `tile`, one micro-kernel call
-    per record (its scales applied once); `blocks` becomes the literal the micro-kernel is unrolled for."""
+    """The nb // blocks records of panel p (and of p + 1 for a tile of several tokens; `blocks` per record)
+    times the tokens `tile`, one micro-kernel call per record or pair of records (their scales applied once);
+    `blocks` becomes the literal the micro-kernel is unrolled for."""
     xq, xd, xs = act[1], act[2], act[3]
     for rec in range(nb // blocks):
         if blocks == 8:
@@ -315,14 +316,15 @@ def _super_records(isa, w, e, g, p, blocks, nb, act, tile, acc, i0):
 
 
 def _dot_group_super(w, wcol, e, g, act, toks, ntok, acc, isa):
-    """As _dot_group_quant, for the super-block layouts: activation block b lies in record b // blocks."""
+    """As _dot_group_quant, for the super-block layouts (activation block b lies in record b // blocks): tiles of
+    TOKENS tokens two panels at a time, single tokens a panel at a time."""
     blocks, nb = wcol
-    for p in range(w.shape[2]):
-        i = 0
-        while ntok - i >= TOKENS:
+    tiled = ntok - ntok % TOKENS
+    for p in range(0, w.shape[2], 2):
+        for i in range(0, tiled, TOKENS):
             _super_records(isa, w, e, g, p, blocks, nb, act, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]), acc, i)
-            i += TOKENS
-        for k in range(i, ntok):
+    for k in range(tiled, ntok):
+        for p in range(w.shape[2]):
             _super_records(isa, w, e, g, p, blocks, nb, act, (toks[k],), acc, k)
 
 

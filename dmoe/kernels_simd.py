@@ -441,106 +441,148 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
     return out
 
 
+def _super_planes(builder, level: int, bits: int, lut: bool, pay, v: int, n: int):  # noqa: ANN001, ANN202
+    """The weights of vector v of a super-block payload as two <n x i8> (n = 32: one record's 8 rows, or 64:
+    two records' 16 rows, `pay` then a pair of pointers): q of weights 4v.. (low) and 16+4v.. (high) of each
+    row, unsigned (or IQ4's signed grid values)."""
+    pays = pay if isinstance(pay, tuple) else (pay,)
+
+    def load(offset: int):  # noqa: ANN202
+        vecs = [_load(builder, p, ir.VectorType(_I8, 32), offset) for p in pays]
+        return _concat(builder, *vecs) if len(vecs) == 2 else vecs[0]
+
+    def c(value: int):  # noqa: ANN202
+        return _const_vec(_I8, value, n)
+
+    nib = load(32 * v)
+    lo, hi = builder.and_(nib, c(0x0F)), builder.lshr(nib, c(4))
+    if bits == 5:
+        high = load(128)
+        lo = builder.or_(lo, builder.shl(builder.and_(builder.lshr(high, c(2 * v)), c(1)), c(4)))
+        hi = builder.or_(hi, builder.shl(builder.and_(builder.lshr(high, c(2 * v + 1)), c(1)), c(4)))
+    elif bits == 6:
+        hh = builder.lshr(load(128 + 32 * (v // 2)), c(4 * (v % 2)))
+        lo = builder.or_(lo, builder.shl(builder.and_(hh, c(3)), c(4)))
+        hi = builder.or_(hi, builder.shl(builder.and_(hh, c(12)), c(2)))
+    if lut:
+        lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
+    return lo, hi
+
+
 @intrinsic
 def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc, i0, p):
     """The n_blocks blocks (32 weights each; n_blocks a literal: 8, 4, 2 or 1, the layout's blocks per record)
-    of one 8-row record of a super-block layout (w[widx]: the record) times the Q8_0 blocks b.. of the tokens xrows,
-    added into acc[i0 + u, 8p .. 8p + 7]. Per block: the exact int32 sums S_h of q * x of each half h (16
-    weights) less offset * xsum_h, and the integers I = sc . S and M = m * (xsum_0 + xsum_1); across the
-    blocks, in f32 registers, F = sum of xd * I and G = sum of xd * M; at the end acc += d * F - dmin * G."""
-    if not (_index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and isinstance(xrows, types.UniTuple)):
+    of one 8-row record of panel p of a super-block layout (w[widx]), and for a tile of several tokens also
+    panel p + 1's (one panel further on), times the Q8_0 blocks b.. of the tokens xrows, added into
+    acc[i0 + u, 8p ..] (8 or 16 columns). Per
+    block: the exact int32 sums S_h of q * x of each half h (16 weights) less offset * xsum_h, and the integers
+    I = sc . S and M = m * (xsum_0 + xsum_1); across the blocks, in f32 registers, F = sum of xd * I and G =
+    sum of xd * M; at the end acc += d * F - dmin * G. Two records go as one 512-bit vector where the host
+    has them (ISA_VNNI512; not IQ4_XS, whose signed grid values need the sign trick), else as two of 256: the
+    pairs serve tiles of several tokens; one token (decode) measured faster a record at a time (Zen 5, one
+    thread: Q6_K 32.6 GB/s against 21-22 paired)."""
+    if not (_index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and w.layout == "C"):
         return None
-    if not isinstance(n_blocks, types.IntegerLiteral):
+    if not (isinstance(n_blocks, types.IntegerLiteral) and isinstance(xrows, types.UniTuple)):
         return None
     _, bits, per16, has_min, lut, offset = SUPER_FORMATS[str(w.dtype)]
     n_blk = n_blocks.literal_value
     header, dmin_at, sc_at, m_at, block, _ = super_geometry(str(w.dtype), n_blk)
+    n_panels = 2 if len(xrows) > 1 else 1
+    top = ISA_VNNI if lut or n_panels == 1 else ISA_VNNI512
+    L = 8 * n_panels  # lanes: the records' rows
 
     def codegen(context, builder, sig, args):
         isa_v, w_v, widx_v, _, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
         intp = types.intp
-        rec = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
-        b0 = context.cast(builder, b_v, sig.args[8], intp)
-        rows = [context.cast(builder, r, sig.args[7].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
-        v32 = ir.VectorType(_I8, 32)
-        f32s, i32s, i8s = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
 
         def const(v: int):  # noqa: ANN202
             return context.get_constant(intp, v)
 
-        def row_bytes(base: int, index):  # noqa: ANN001, ANN202 - the 8 rows' int8 at base + 8 * index
-            at = builder.gep(rec, [builder.add(const(base), builder.mul(index, const(8)))])
-            return builder.sext(_load(builder, at, i8s), i32s)
+        first = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
+        shape = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, w_v).shape)
+        panel_bytes = builder.mul(shape[3], builder.mul(shape[4], const(w.dtype.bitwidth // 8)))
+        recs = (first, builder.gep(first, [panel_bytes]))[:n_panels]
+        b0 = context.cast(builder, b_v, sig.args[8], intp)
+        rows = [context.cast(builder, r, sig.args[7].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
+        f32s, i32s, i8s = ir.VectorType(ir.FloatType(), L), ir.VectorType(_I32, L), ir.VectorType(_I8, 8)
 
-        def block_sums(pay, xptrs):  # noqa: ANN001, ANN202
-            def emit(level):
-                sums = [[ir.Constant(i32s, None) for _ in rows] for _ in range(2)]
-                high = [_load(builder, pay, v32, 128 + 32 * k) for k in range(bits - 4)]
-                for v in range(4):
-                    nib = _load(builder, pay, v32, 32 * v)
-                    lo, hi = builder.and_(nib, _const_vec(_I8, 0x0F, 32)), builder.lshr(nib, _const_vec(_I8, 4, 32))
-                    if bits == 5:
-                        lo = builder.or_(lo, builder.shl(builder.and_(builder.lshr(high[0], _const_vec(_I8, 2 * v, 32)),
-                                                                      _const_vec(_I8, 1, 32)), _const_vec(_I8, 4, 32)))
-                        hi = builder.or_(hi, builder.shl(builder.and_(
-                            builder.lshr(high[0], _const_vec(_I8, 2 * v + 1, 32)), _const_vec(_I8, 1, 32)),
-                            _const_vec(_I8, 4, 32)))
-                    elif bits == 6:
-                        hh = builder.lshr(high[v // 2], _const_vec(_I8, 4 * (v % 2), 32))
-                        lo = builder.or_(lo, builder.shl(builder.and_(hh, _const_vec(_I8, 3, 32)),
-                                                         _const_vec(_I8, 4, 32)))
-                        hi = builder.or_(hi, builder.shl(builder.and_(hh, _const_vec(_I8, 12, 32)),
-                                                         _const_vec(_I8, 2, 32)))
-                    if lut:
-                        lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
-                    abs_lo = _abs_if(builder, level, lo) if lut else None
-                    abs_hi = _abs_if(builder, level, hi) if lut else None
-                    for u, xp in enumerate(xptrs):
-                        xl, xh = _broadcast(builder, xp, 4 * v, _I32), _broadcast(builder, xp, 16 + 4 * v, _I32)
-                        sums[0][u] = _quads(builder, level, lo, abs_lo, xl, sums[0][u])
-                        sums[1][u] = _quads(builder, level, hi, abs_hi, xh, sums[1][u])
-                return sums[0] + sums[1]
+        def joined(vecs):  # noqa: ANN001, ANN202
+            return _concat(builder, *vecs) if len(vecs) == 2 else vecs[0]
 
-            return _by_isa(context, builder, isa_v, emit)
+        def row_bytes(at: int):  # noqa: ANN202 - the records' 8 rows' int8 at byte `at`, as L int32
+            return builder.sext(joined([_load(builder, r, i8s, at) for r in recs]), i32s)
+
+        def halves_f32(at: int):  # noqa: ANN202 - the records' 8 rows' f16 at byte `at`, as L f32
+            return builder.fpext(joined([_load(builder, r, ir.VectorType(ir.HalfType(), 8), at) for r in recs]), f32s)
+
+        def block_sums(j: int, xptrs):  # noqa: ANN001, ANN202
+            pays = tuple(builder.gep(r, [const(header + j * block)]) for r in recs)
+
+            def emit(level):  # noqa: ANN001, ANN202
+                if level == ISA_VNNI512:
+                    sums = [[ir.Constant(i32s, None) for _ in rows] for _ in range(2)]
+                    for v in range(4):
+                        planes = _super_planes(builder, level, bits, lut, pays, v, 64)
+                        for u, xp in enumerate(xptrs):
+                            for h, q in enumerate(planes):
+                                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), L)
+                                sums[h][u] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, sums[h][u],
+                                                   builder.bitcast(q, i32s), x)
+                    return sums[0] + sums[1]
+                halves = []
+                for pay in pays:
+                    sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in rows] for _ in range(2)]
+                    for v in range(4):
+                        planes = _super_planes(builder, level, bits, lut, pay, v, 32)
+                        for u, xp in enumerate(xptrs):
+                            for h, q in enumerate(planes):
+                                absq = _abs_if(builder, level, q) if lut else None
+                                x = _broadcast(builder, xp, 16 * h + 4 * v, _I32)
+                                sums[h][u] = _quads(builder, level, q, absq, x, sums[h][u])
+                    halves.append(sums[0] + sums[1])
+                return [joined(parts) for parts in zip(*halves, strict=True)]
+
+            for pay in pays:
+                _prefetch(builder, pay, PREFETCH_BYTES, block)
+            return _by_isa(context, builder, isa_v, emit, top)
 
         n = len(rows)
         F = [ir.Constant(f32s, None) for _ in rows]
         G = [ir.Constant(f32s, None) for _ in rows]
         for j in range(n_blk):
             blk = builder.add(b0, const(j))
-            pay = builder.gep(rec, [const(header + j * block)])
-            _prefetch(builder, pay, PREFETCH_BYTES, block)
             xptrs = [_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, const(0)]) for r in rows]
-            sums = block_sums(pay, xptrs)
+            sums = block_sums(j, xptrs)
             if per16:
-                sc0, sc1 = row_bytes(sc_at, const(2 * j)), row_bytes(sc_at, const(2 * j + 1))
+                sc0, sc1 = row_bytes(sc_at + 16 * j), row_bytes(sc_at + 16 * j + 8)
             else:
-                sc0 = sc1 = row_bytes(sc_at, const(j))
-            mins = row_bytes(m_at, const(j)) if has_min else None
+                sc0 = sc1 = row_bytes(sc_at + 8 * j)
+            mins = row_bytes(m_at + 8 * j) if has_min else None
             for u, r in enumerate(rows):
                 h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[6], xs_v, [r, blk, const(h)])),
                                        _I32) for h in (1, 2))
                 s0, s1 = sums[u], sums[n + u]
                 if offset:
-                    s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), 8))
-                    s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), 8))
+                    s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), L))
+                    s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), L))
                 isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1)) if per16 else builder.mul(
                     sc0, builder.add(s0, s1))
-                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), 8)
+                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), L)
                 F[u] = builder.fadd(F[u], builder.fmul(dx, builder.sitofp(isum, f32s)))
                 if has_min:
-                    xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), 8))
+                    xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), L))
                     G[u] = builder.fadd(G[u], builder.fmul(dx, builder.sitofp(xsum, f32s)))
-        d = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), 0), f32s)
-        dmin = builder.fpext(_load(builder, rec, ir.VectorType(ir.HalfType(), 8), dmin_at), f32s) if has_min else None
+        d = halves_f32(0)
+        dmin = halves_f32(dmin_at) if has_min else None
         col = builder.mul(context.cast(builder, p_v, sig.args[11], intp), const(8))
-        first = context.cast(builder, i0_v, sig.args[10], intp)
+        top_row = context.cast(builder, i0_v, sig.args[10], intp)
         for u in range(n):
             val = builder.fmul(d, F[u])
             if has_min:
                 val = builder.fsub(val, builder.fmul(dmin, G[u]))
-            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[9], acc_v, [builder.add(first, const(u)), col]),
-                                   f32s.as_pointer())
+            at = _ptr_at(context, builder, sig.args[9], acc_v, [builder.add(top_row, const(u)), col])
+            aptr = builder.bitcast(at, f32s.as_pointer())
             builder.store(builder.fadd(builder.load(aptr, align=1), val), aptr, align=1)
         return context.get_dummy_value()
 
