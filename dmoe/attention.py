@@ -11,11 +11,13 @@ in blocks of positions whose rows stay in L1 while every 8-value slice of the ou
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numba
 import numpy as np
 
 from .attention_simd import pv_add, qk_scores, softmax_exp
+from .jitcache import drop_stale
 
 _BLOCK = 64  # cache positions per pass of the value sum: 64 f16 rows of 128 values are 16 KB, in L1
 
@@ -93,3 +95,6 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
             _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D)
         for g in range(ng):
             out[t, (h0 + g) * D:(h0 + g + 1) * D] *= norm[g]
+
+
+drop_stale((attend,), [Path(__file__).parent / name for name in ("attention_simd.py", "kernels_simd.py")])

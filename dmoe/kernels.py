@@ -30,6 +30,7 @@ from numba import get_num_threads, njit, prange
 
 from . import quant
 from .blocks import BLOCK_BYTES, BLOCK_WEIGHTS, DECODED
+from .jitcache import drop_stale
 from .kernels_formats import (
     DECODED_RECORD,
     QK,
@@ -418,14 +419,4 @@ _X, _H = _Grown(_q8_rows), _Grown(_q8_rows)  # a Weight's input, moe_forward's h
 _ACT, _ROUTE = _Grown(_moe_act), _Grown(_moe_route)
 
 
-def _drop_stale_caches() -> None:
-    """numba's on-disk cache checks only the file that defines a jitted function, but the drivers here
-    compile in code from the sibling kernels_*.py files: after one of those changes, start afresh."""
-    newest = max(p.stat().st_mtime for p in Path(__file__).parent.glob("kernels_*.py"))
-    for driver in (_matmul, _moe):
-        index = Path(getattr(driver._cache._cache_file, "_index_path", ""))  # numba internals, checked
-        if index.is_file() and index.stat().st_mtime < newest:
-            driver._cache.flush()
-
-
-_drop_stale_caches()
+drop_stale((_matmul, _moe), Path(__file__).parent.glob("kernels_*.py"))

@@ -44,8 +44,9 @@ HOST_ISA = max([lv for lv, ok in _HOST_LEVELS.items() if ok], default=ISA_GENERI
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # Software prefetch distance of the weight stream: a single core keeps too few cache misses in
 # flight to stream from RAM (or even L3) at full speed with the hardware prefetcher alone; hinting
-# ~7 blocks ahead took one thread from ~10 to ~14-16 GB/s on the 2-core dev box (1024-4096 similar).
-PREFETCH_BYTES = 2048
+# ~7 blocks ahead took one thread from ~10 to ~14-16 GB/s on an AVX2 box. On a Zen 5 box (40 GB/s a
+# core) 4096 bytes beat 2048 by 2-4% and 8192 (bench_kernels.py decode, 2 threads: 41 against 40 and 38 GB/s).
+PREFETCH_BYTES = 4096
 
 
 # ---------------------------------------------------------------------------------------------
