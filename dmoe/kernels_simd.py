@@ -25,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "ISA_VNNI512", "HOST_ISA", "stack_array", "quant_panel_dot",
-           "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
+__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "ISA_VNNI512", "HOST_ISA", "HOST_WIDE", "stack_array",
+           "quant_panel_dot", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
            "float_rows_dot"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512 = 0, 1, 2, 3
@@ -36,8 +36,8 @@ _HOST_VNNI = _HOST_AVX2 and bool(_FEATURES.get("avxvnni") or
                                  (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
 # 512-bit vectors only where LLVM's tuning for the CPU keeps them whole: for CPUs it tunes to prefer 256-bit
 # vectors (Intel's AVX-512 cores) it would split the 512-bit operations it can and fail on the intrinsics
-_HOST_VNNI512 = (_HOST_VNNI and bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
-                 and llvm.get_host_cpu_name() in ("znver4", "znver5"))
+HOST_WIDE = bool(_FEATURES.get("avx512f")) and llvm.get_host_cpu_name() in ("znver4", "znver5")
+_HOST_VNNI512 = HOST_WIDE and _HOST_VNNI and bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 _HOST_LEVELS = {ISA_VNNI512: _HOST_VNNI512, ISA_VNNI: _HOST_VNNI, ISA_AVX2: _HOST_AVX2}
 HOST_ISA = max([lv for lv, ok in _HOST_LEVELS.items() if ok], default=ISA_GENERIC)  # the fastest lowering here
 

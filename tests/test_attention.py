@@ -34,6 +34,7 @@ def reference(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np
     (16, [(0, 6), (6, 12)], 5, 40, np.float32),         # a group of 6: a tile of 4, then 2 of 1
     (32, [(0, 1)], 3, 70, np.float32),                  # multi-head attention: 1 query head a KV head
     (32, [(0, 13)], 6, 90, np.uint16),                  # 8 + 4 + 1
+    (24, [(0, 8)], 2, 50, np.uint16),                   # a head dimension of 16-value vectors and an 8-value tail
 ])
 def test_attend_matches_reference(D: int, heads: list[tuple[int, int]], T: int, depth: int, kv_type: type) -> None:
     rng = np.random.default_rng(D + T + depth)
