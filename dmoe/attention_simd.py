@@ -79,6 +79,11 @@ def _hsums(builder, vecs):  # noqa: ANN001, ANN202
     return items[0]
 
 
+def _tile_width(width) -> int:  # noqa: ANN001 - a numba type
+    """The query heads of a register tile: `width` as a literal 1..8, else 0 (not a valid call)."""
+    return width.literal_value if isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES else 0
+
+
 def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
     arr = context.make_array(aryty)(context, builder, ary)
     return cgutils.unpack_tuple(builder, arr.shape)[axis]
@@ -88,11 +93,9 @@ def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
 def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale):
     """sc[sidx + (0, g)] = scale * (cache row at cidx) . q[qidx + (0, g * D)] for g < width (1..8, a literal):
     one cache position against `width` query heads of D values each (D: the cache's last axis)."""
-    if not (_cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
+    n = _tile_width(width)
+    if not (n and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
         return None
-    if not (isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES):
-        return None
-    n = width.literal_value
 
     def codegen(context, builder, sig, args):
         cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v = args
@@ -196,14 +199,12 @@ def softmax_exp(typingctx, sc, n, norm, unit):
 def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
     """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (j, g)] * (cache row at cidx + j) for g < width
     (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
-    registers across the positions, 8 values of D at a time."""
-    if not (_cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(sc, sidx) and _index_ok(out, oidx)):
-        return None
-    if not (isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES):
+    registers across the positions, 8 or 16 values of D at a time."""
+    w = _tile_width(width)
+    if not (w and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(sc, sidx) and _index_ok(out, oidx)):
         return None
     if not isinstance(n, types.Integer):
         return None
-    w = width.literal_value
 
     def codegen(context, builder, sig, args):
         cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _ = args
