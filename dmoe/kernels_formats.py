@@ -265,16 +265,16 @@ def dot_group(w, wcol, e, g, act, toks, ntok, acc, isa):  # pragma: no cover - t
 
 
 def _dot_group_quant(w, wcol, e, g, act, toks, ntok, acc, isa):
-    """Two panels at a time, the tokens TOKENS at a time: the panels (144 or 272 bytes a block each) stay in
-    L1 for every tile of tokens."""
+    """Tiles of TOKENS tokens two panels at a time, single tokens a panel at a time (quant_panel_dot): the panels
+    (144 or 272 bytes a block each) stay in L1 for every tile of tokens."""
     xq, xd, xs = act[1], act[2], act[3]
+    tiled = ntok - ntok % TOKENS
     for p in range(0, w.shape[2], 2):
-        i = 0
-        while ntok - i >= TOKENS:
+        for i in range(0, tiled, TOKENS):
             quant_panel_dot(isa, w, (e, g, p, 0, 0), xq, xd, xs, (toks[i], toks[i + 1], toks[i + 2], toks[i + 3]),
                             acc, i, p)
-            i += TOKENS
-        for j in range(i, ntok):
+    for j in range(tiled, ntok):
+        for p in range(w.shape[2]):
             quant_panel_dot(isa, w, (e, g, p, 0, 0), xq, xd, xs, (toks[j],), acc, j, p)
 
 
