@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize")
+             "/detokenize", "/", "/index.html")
 ENDS = ("stop", "length", "cancelled", "error", "shutdown")  # how a generation ends
 
 

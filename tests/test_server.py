@@ -347,6 +347,8 @@ def test_metrics_count_latency_and_kv_use(server: Server) -> None:
     before = scrape(server)
     r = chat(server.client(), "Count to five.", max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
     again = chat(server.client(), "Count to five.", max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
+    with urllib.request.urlopen(server.url + "/", timeout=30) as page:  # the chat page, counted as itself
+        assert page.status == 200
     after = scrape(server)
 
     def moved(name: str) -> float:
@@ -358,6 +360,7 @@ def test_metrics_count_latency_and_kv_use(server: Server) -> None:
     assert moved("dmoe_completion_tokens_total") == 12
     cached = [x.usage.prompt_tokens_details.cached_tokens for x in (r, again)]
     assert moved("dmoe_cached_prompt_tokens_total") == sum(cached) and cached[1] == again.usage.prompt_tokens - 1
+    assert moved("dmoe_http_responses_total|endpoint=/|status=200") == 1
     assert after["dmoe_requests_running"] == after["dmoe_requests_waiting"] == 0
     assert after["dmoe_kv_cache_capacity_tokens"] == PARALLEL * CONTEXT
     assert r.usage.total_tokens - 1 <= after["dmoe_kv_cache_tokens"] <= PARALLEL * CONTEXT  # the last is not run
