@@ -5,7 +5,7 @@ cache holds IEEE half bit patterns in uint16 (written with numpy's correctly rou
 (attention_simd.py) widen them in registers. A step's tokens may belong to several sequences (a batch): each
 token carries its slot and position. Work is split by (token, KV head): each K and V row is read once for
 the whole group of query heads that share it, which are register tiles of up to 8 heads. Values are summed
-in blocks of positions whose rows stay in L1 while every 8-value slice of the output is accumulated.
+in blocks of positions whose rows stay in L1 while every 8- or 16-value slice of the output is accumulated.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         sc, norm = scores[tid], norms[tid]
         for j in range(n):
             _scores(k_cache, slot, kvh, j, q, t, h0, ng, D, sc, scale)
-        softmax_exp(sc, n, norm, np.float32(1.0))
+        softmax_exp(sc, n, norm)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):
             _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D)

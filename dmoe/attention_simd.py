@@ -155,9 +155,9 @@ def _exp(builder, x):  # noqa: ANN001, ANN202
 
 
 @intrinsic
-def softmax_exp(typingctx, sc, n, norm, unit):
+def softmax_exp(typingctx, sc, n, norm):
     """For each of sc's columns (sc [S, Gp], Gp a multiple of 8): sc[j] = exp(sc[j] - max) over rows j < n, and
-    norm[col] = unit / sum of them. The weights stay unnormalised: the caller scales the output by norm."""
+    norm[col] = 1 / sum of them. The weights stay unnormalised: the caller scales the output by norm."""
     if not (isinstance(sc, types.Array) and sc.ndim == 2 and sc.dtype == types.float32):
         return None
     if not isinstance(n, types.Integer):
@@ -166,13 +166,12 @@ def softmax_exp(typingctx, sc, n, norm, unit):
         return None
 
     def codegen(context, builder, sig, args):
-        sc_v, n_v, norm_v, unit_v = args
+        sc_v, n_v, norm_v = args
         intp = context.get_value_type(types.intp)
         rows = context.cast(builder, n_v, sig.args[1], types.intp)
         width = _len(context, builder, sig.args[0], sc_v, 1)
         base = builder.bitcast(context.make_array(sig.args[0])(context, builder, sc_v).data, _F32.as_pointer())
         out = builder.bitcast(context.make_array(sig.args[2])(context, builder, norm_v).data, _F32.as_pointer())
-        unit = _splat(builder, context.cast(builder, unit_v, sig.args[3], types.float32), LANES)
 
         def at(j, col):  # noqa: ANN001, ANN202 - the vector sc[j, col : col + 8]
             return builder.bitcast(builder.gep(base, [builder.add(builder.mul(j, width), col)]), _V.as_pointer())
@@ -188,11 +187,11 @@ def softmax_exp(typingctx, sc, n, norm, unit):
                 e = _exp(builder, builder.fsub(builder.load(p, align=4), builder.load(top)))
                 builder.store(e, p, align=4)
                 builder.store(builder.fadd(builder.load(total), e), total)
-            inv = builder.fdiv(unit, builder.load(total))
+            inv = builder.fdiv(_splat(builder, ir.Constant(_F32, 1.0), LANES), builder.load(total))
             builder.store(inv, builder.bitcast(builder.gep(out, [col]), _V.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(sc, n, norm, unit), codegen
+    return types.void(sc, n, norm), codegen
 
 
 @intrinsic

@@ -233,42 +233,16 @@ def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # no
 
 def _emit_q4_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
     """8 rows: 4 vectors of 32 bytes, vector v holding bytes 4v..4v+3 of each row's 16 (low nibbles: weights
-    4v..4v+3, high nibbles: 16+4v..16+4v+3). Exact int32 sums of q * x with q = 0..15 (unsigned: vpdpbusd's
-    own operand form, no sign trick); the caller subtracts 8 * sum x. Each token's products go into 4
-    independent sums added at the end: one chain of 8 dependent vpdpbusd would wait on their latency."""
-    zero = ir.Constant(ir.VectorType(_I32, 8), None)
-    acc = [[zero] * 4 for _ in xptrs]
-    low, four = _const_vec(_I8, 0x0F, 32), _const_vec(_I8, 4, 32)
-    for v in range(4):
-        nib = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * v)
-        lo, hi = builder.and_(nib, low), builder.and_(builder.lshr(nib, four), low)
-        for u, xp in enumerate(xptrs):
-            c = 2 * (v % 2)
-            acc[u][c] = _quads(builder, level, lo, None, _broadcast(builder, xp, 4 * v, _I32), acc[u][c])
-            acc[u][c + 1] = _quads(builder, level, hi, None, _broadcast(builder, xp, 16 + 4 * v, _I32), acc[u][c + 1])
-    return [builder.add(builder.add(a[0], a[1]), builder.add(a[2], a[3])) for a in acc]
+    4v..4v+3, high nibbles: 16+4v..16+4v+3: a 4-bit super-block payload's order). Exact int32 sums of q * x
+    with q = 0..15 (unsigned: vpdpbusd's own operand form, no sign trick); the caller subtracts 8 * sum x."""
+    lo, hi = _half_sums(builder, level, 4, False, wptr, xptrs)
+    return [builder.add(a, b) for a, b in zip(lo, hi, strict=True)]
 
 
 def _concat(builder, a, b):  # noqa: ANN001, ANN202
     """The vectors a and b (of one type) as one vector of twice the lanes."""
     n = 2 * a.type.count
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)]))
-
-
-def _emit_q4_0_pair(builder, pays, xptrs):  # noqa: ANN001, ANN202
-    """_emit_q4_0 for two panels at once (16 rows) in 512-bit vectors, by vpdpbusd on zmm registers: the two
-    panels' 32-byte vectors joined, each token's 4 bytes broadcast to 64. <16 x i32> a token."""
-    i32s = ir.VectorType(_I32, 16)
-    acc = [[ir.Constant(i32s, None)] * 2 for _ in xptrs]
-    low, four = _const_vec(_I8, 0x0F, 64), _const_vec(_I8, 4, 64)
-    for v in range(4):
-        nib = _concat(builder, *(_load(builder, p, ir.VectorType(_I8, 32), 32 * v) for p in pays))
-        halves = builder.and_(nib, low), builder.and_(builder.lshr(nib, four), low)
-        for u, xp in enumerate(xptrs):
-            for h, q in enumerate(halves):
-                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), 16)
-                acc[u][h] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, acc[u][h], builder.bitcast(q, i32s), x)
-    return [builder.add(a[0], a[1]) for a in acc]
 
 
 def _emit_q8_0(builder, level: int, wptr, xptrs):  # noqa: ANN001, ANN202
@@ -319,7 +293,8 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
 
         def emit(level, pays, xptrs):  # noqa: ANN001, ANN202
             if level == ISA_VNNI512:
-                return _emit_q4_0_pair(builder, pays, xptrs)
+                lo, hi = _half_sums_wide(builder, 4, pays, xptrs)
+                return [builder.add(a, b) for a, b in zip(lo, hi, strict=True)]
             halves = [emit_one(builder, level, pay, xptrs) for pay in pays]
             return [_concat(builder, *parts) if len(parts) == 2 else parts[0] for parts in zip(*halves, strict=True)]
 
@@ -445,12 +420,10 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
     return out
 
 
-def _super_planes(builder, level: int, bits: int, lut: bool, pay, v: int, n: int):  # noqa: ANN001, ANN202
-    """The weights of vector v of a super-block payload as two <n x i8> (n = 32: one record's 8 rows, or 64:
-    two records' 16 rows, `pay` then a pair of pointers): q of weights 4v.. (low) and 16+4v.. (high) of each
-    row, unsigned (or IQ4's signed grid values)."""
-    pays = pay if isinstance(pay, tuple) else (pay,)
-
+def _super_planes(builder, level: int, bits: int, lut: bool, pays, v: int, n: int):  # noqa: ANN001, ANN202
+    """The weights of vector v of a super-block payload (or a Q4_0 panel's: a 4-bit one) as two <n x i8> (n = 32:
+    one record's 8 rows at pays[0], or 64: two records' 16 rows at pays[0] and pays[1]): q of weights 4v.. (low)
+    and 16+4v.. (high) of each row, unsigned (or IQ4's signed grid values)."""
     def load(offset: int):  # noqa: ANN202
         vecs = [_load(builder, p, ir.VectorType(_I8, 32), offset) for p in pays]
         return _concat(builder, *vecs) if len(vecs) == 2 else vecs[0]
@@ -471,6 +444,32 @@ def _super_planes(builder, level: int, bits: int, lut: bool, pay, v: int, n: int
     if lut:
         lo, hi = _lut(builder, level, lo), _lut(builder, level, hi)
     return lo, hi
+
+
+def _half_sums(builder, level: int, bits: int, lut: bool, pay, xptrs):  # noqa: ANN001, ANN202
+    """Per half (weights 0-15, 16-31 of each row's block) and token, the exact int32 sums <8 x i32> of q * x over
+    one record's (or Q4_0 panel's) payload at pay: two lists of len(xptrs) vectors."""
+    sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs] for _ in range(2)]
+    for v in range(4):
+        for h, q in enumerate(_super_planes(builder, level, bits, lut, (pay,), v, 32)):
+            absq = _abs_if(builder, level, q) if lut else None
+            for u, xp in enumerate(xptrs):
+                sums[h][u] = _quads(builder, level, q, absq, _broadcast(builder, xp, 16 * h + 4 * v, _I32), sums[h][u])
+    return sums
+
+
+def _half_sums_wide(builder, bits: int, pays, xptrs):  # noqa: ANN001, ANN202
+    """_half_sums for two records' (or Q4_0 panels') payloads at once, 16 rows, by vpdpbusd on 512-bit vectors
+    (ISA_VNNI512; unsigned q only): each token's 4 bytes broadcast to 64. <16 x i32> sums."""
+    i32s = ir.VectorType(_I32, 16)
+    sums = [[ir.Constant(i32s, None) for _ in xptrs] for _ in range(2)]
+    for v in range(4):
+        for h, q in enumerate(_super_planes(builder, ISA_VNNI512, bits, False, pays, v, 64)):
+            for u, xp in enumerate(xptrs):
+                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), 16)
+                q32 = builder.bitcast(q, i32s)
+                sums[h][u] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, sums[h][u], q32, x)
+    return sums
 
 
 @intrinsic
@@ -525,26 +524,12 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
 
             def emit(level):  # noqa: ANN001, ANN202
                 if level == ISA_VNNI512:
-                    sums = [[ir.Constant(i32s, None) for _ in rows] for _ in range(2)]
-                    for v in range(4):
-                        planes = _super_planes(builder, level, bits, lut, pays, v, 64)
-                        for u, xp in enumerate(xptrs):
-                            for h, q in enumerate(planes):
-                                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), L)
-                                sums[h][u] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, sums[h][u],
-                                                   builder.bitcast(q, i32s), x)
-                    return sums[0] + sums[1]
+                    lo, hi = _half_sums_wide(builder, bits, pays, xptrs)
+                    return lo + hi
                 halves = []
                 for pay in pays:
-                    sums = [[ir.Constant(ir.VectorType(_I32, 8), None) for _ in rows] for _ in range(2)]
-                    for v in range(4):
-                        planes = _super_planes(builder, level, bits, lut, pay, v, 32)
-                        for u, xp in enumerate(xptrs):
-                            for h, q in enumerate(planes):
-                                absq = _abs_if(builder, level, q) if lut else None
-                                x = _broadcast(builder, xp, 16 * h + 4 * v, _I32)
-                                sums[h][u] = _quads(builder, level, q, absq, x, sums[h][u])
-                    halves.append(sums[0] + sums[1])
+                    lo, hi = _half_sums(builder, level, bits, lut, pay, xptrs)
+                    halves.append(lo + hi)
                 return [joined(parts) for parts in zip(*halves, strict=True)]
 
             for pay in pays:
