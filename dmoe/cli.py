@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from dmoe import __doc__ as package_doc
-from dmoe.plan import OUTPUTS
+from dmoe.plan import OUTPUTS, ROUTINGS
 from dmoe.supervisor import Supervisor, one_line
 from dmoe.wire import WIRE_TYPES
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--output", choices=OUTPUTS, default="split",
                         help="where the output matrix runs: split over the ranks (default; rank 0 gathers 4 bytes a "
                         "vocabulary row a token) or all on rank 0 (no logits cross the network: for slow links)")
+        sp.add_argument("--routing", choices=ROUTINGS, default="root",
+                        help="who runs each layer's router: rank 0, which broadcasts its choices (default), or every "
+                        "rank for itself (one message fewer a layer: for links with a long round trip)")
         sp.add_argument("--shares", help="each rank's part of the work, one number a rank (e.g. 3,1 when rank 0's "
                         "host is 3 times as fast as rank 1's); default equal")
         sp.add_argument("--verbose", action="store_true", help="print per-phase timings")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--parallel", type=int, default=1, help="KV cache slots (serve's --parallel; default 1)")
     pl.add_argument("--output", choices=OUTPUTS, default="split", help="where the output matrix runs")
     pl.add_argument("--shares", help="each rank's part of the work (one -n only), e.g. 3,1")
+    pl.add_argument("--routing", choices=ROUTINGS, default="root", help="who runs the router (every-rank: all hold it)")
     pl.add_argument("--nthreads", type=int, default=1, help="threads per rank (attention scratch)")
     return p
 
@@ -268,7 +272,7 @@ def _plan(args: argparse.Namespace) -> str:
         cfg = ModelConfig.from_hf_file(args.config)
         types, what = tensor_types(cfg, args.type), f"{os.path.basename(args.config)} as {args.type}"
     return report(cfg, types, what, args.ranks, args.moe_split, args.max_seq_len, args.kv_type, args.prompt_len,
-                  args.nthreads, args.parallel, args.output, args.shares)
+                  args.nthreads, args.parallel, args.output, args.shares, args.routing)
 
 
 def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
@@ -282,7 +286,7 @@ def _load(args: argparse.Namespace, comm: Any, sup: Supervisor) -> Any:
                          moe_split=args.moe_split, comm=comm, supervisor=sup,
                          progress=comm.rank == 0 and sys.stderr.isatty(), pack_cache=cache,
                          preload=args.command == "bench", parallel=getattr(args, "parallel", 1),
-                         comm_type=args.comm_type, output=args.output, shares=args.shares)
+                         comm_type=args.comm_type, output=args.output, shares=args.shares, routing=args.routing)
     if comm.rank == 0:
         cfg = engine.config
         print(f"dmoe: {os.path.basename(args.model)}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "

@@ -50,7 +50,7 @@ class Engine:
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
                  moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-                 parallel: int = 1, output: str = "split", shares: str | None = None) -> None:
+                 parallel: int = 1, output: str = "split", shares: str | None = None, routing: str = "root") -> None:
         cfg = mf.config
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -63,7 +63,7 @@ class Engine:
         self.nthreads = nthreads
         numba.set_num_threads(nthreads)
         self.plan = ShardPlan.make(cfg, comm.size, moe_split, output,
-                                   parse_shares(shares, comm.size) if shares else None)
+                                   parse_shares(shares, comm.size) if shares else None, routing)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
@@ -84,7 +84,7 @@ class Engine:
         """This rank's weights, mapped from the pack cache when it has them (read in whole first with
         `preload`), else packed (and saved there)."""
         slot = f"{self.plan.world_size}|{self.plan.moe_split}|{self.shard.rank}"
-        tag = f"{self.shard}|{self.is_root}"
+        tag = str(self.shard)
         store = PackStore(mf.path, slot, tag, pack_cache)
         self.pack_cache_hit = store.mode == "read"
         if preload:
@@ -95,13 +95,13 @@ class Engine:
                 print(f"dmoe: {message}", file=sys.stderr)
 
         try:
-            weights = load_weights(mf, self.shard, self.is_root, store, progress)
+            weights = load_weights(mf, self.shard, store, progress)
             store.finish(report)
         except StaleCacheError:
             store.discard()
             self.pack_cache_hit = False
             store = PackStore(mf.path, slot, tag, pack_cache)
-            weights = load_weights(mf, self.shard, self.is_root, store, progress)
+            weights = load_weights(mf, self.shard, store, progress)
             store.finish(report)
         return weights
 
@@ -109,7 +109,8 @@ class Engine:
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
              progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-             parallel: int = 1, comm_type: str = "f32", output: str = "split", shares: str | None = None) -> Engine:
+             parallel: int = 1, comm_type: str = "f32", output: str = "split", shares: str | None = None,
+             routing: str = "root") -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
@@ -127,7 +128,7 @@ class Engine:
             comm.set_reduce_type(comm_type)
             t0 = time.perf_counter()
             engine = cls(ModelFile(path), comm, max_seq_len, nthreads, kv_type, moe_split, progress, pack_cache,
-                         preload, parallel, output, shares)
+                         preload, parallel, output, shares, routing)
         except Exception as e:
             if supervisor is not None:
                 if comm.rank != 0:

@@ -40,7 +40,7 @@ def _packed(n: int, rows: int, cols: int, qtypes: list[QT], col0: int = 0) -> in
     return int(np.prod(shape)) * dtype.itemsize
 
 
-def weight_bytes(cfg: ModelConfig, types: dict[str, QT], shard: RankShard, is_root: bool) -> int:
+def weight_bytes(cfg: ModelConfig, types: dict[str, QT], shard: RankShard) -> int:
     """The bytes of one rank's packed weights, as weights.load_weights packs them."""
     d, D = cfg.hidden_size, cfg.head_dim
     (qa, qb), (ka, kb) = shard.q_heads, shard.kv_heads
@@ -54,7 +54,7 @@ def weight_bytes(cfg: ModelConfig, types: dict[str, QT], shard: RankShard, is_ro
             total += sum(_packed(1, sum(rows[i:j]), d, qkv[i:j]) for i, j in layout_runs(qkv))
             qt, c0 = sliced_type(types[b + "attn_output.weight"], qa * D, qb * D)
             total += _packed(1, d, (qb - qa) * D, [qt], c0)
-        if is_root:
+        if shard.routes:
             total += _packed(1, cfg.num_experts, d, [types[b + "ffn_gate_inp.weight"]])
         if e1 > e0 and f1 > f0:
             total += 2 * _packed(e1 - e0, f1 - f0, d, [types[b + "ffn_gate_exps.weight"]])
@@ -77,13 +77,13 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))
-        out.append(RankFootprint(shard.rank, weight_bytes(cfg, types, shard, shard.rank == 0), kv, buffers))
+        out.append(RankFootprint(shard.rank, weight_bytes(cfg, types, shard), kv, buffers))
     return out
 
 
 def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], moe_split: str, max_seq_len: int,
            kv_type: str, prompt_len: int, threads: int, parallel: int = 1, output: str = "split",
-           shares: str | None = None) -> str:
+           shares: str | None = None, routing: str = "root") -> str:
     """The `launch.py plan` table: per rank of each world size, GB of weights, KV cache, buffers and in all."""
     gb = 1e9
     slots = f"{parallel} slots of " if parallel > 1 else ""
@@ -92,7 +92,7 @@ def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], 
              f"{threads} thread(s)",
              f"{'ranks':>5} {'rank':>4} {'weights GB':>10} {'KV GB':>7} {'buffers GB':>10} {'total GB':>8}"]
     for n in ranks:
-        plan = ShardPlan.make(cfg, n, moe_split, output, parse_shares(shares, n) if shares else None)
+        plan = ShardPlan.make(cfg, n, moe_split, output, parse_shares(shares, n) if shares else None, routing)
         rows = footprint(cfg, types, plan, max_seq_len, kv_type, prompt_len, threads, parallel)
         for r in rows:
             lines.append(f"{n:>5} {r.rank:>4} {r.weights / gb:>10.2f} {r.kv_cache / gb:>7.2f} {r.buffers / gb:>10.2f} "

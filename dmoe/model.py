@@ -7,6 +7,10 @@ sync point a visible `comm` call. The math, per layer (x is identical on every r
     h = rmsnorm(x);  root: ids, w = topk(softmax(h @ Wrouter));  bcast(ids, w)
     y_partial = sum over my experts e in ids: w_e * down_e(silu(gate_e h) * up_e h);  allreduce(y);  x += y
 
+x is identical on every rank to the bit (MPI's all-reduces give every rank the same sums, and the compact
+wire types decode the same bytes everywhere), so with routing "every-rank" each rank makes the root's choices
+itself and the broadcast goes.
+
 A step's T tokens are the concatenated tokens of its sequences, each at its own KV cache slot and
 positions: every matrix product, the MoE's grouping by expert and every collective take all T at once,
 so B sequences decoding together read the weights once.
@@ -83,10 +87,11 @@ class Layer:
     """One decoder layer of one rank: its weights and its part of the KV cache."""
 
     def __init__(self, cfg: ModelConfig, shard: RankShard, w: LayerWeights, k_cache: np.ndarray,
-                 v_cache: np.ndarray) -> None:
+                 v_cache: np.ndarray, broadcast_routing: bool) -> None:
         self.cfg, self.shard, self.w = cfg, shard, w
         self.k_cache, self.v_cache = k_cache, v_cache  # [Hkv, S, D] f32, or f16 bits in uint16
         self.expert_offset = shard.experts[0]
+        self.broadcast_routing = broadcast_routing  # the root's choices travel; else every rank routes
         self.n_local_experts = shard.experts[1] - shard.experts[0]
 
     def attention(self, st: RunState, batch: Batch, rope: tuple[np.ndarray, np.ndarray],
@@ -121,10 +126,12 @@ class Layer:
         if w.router is not None:
             w.router.matmul(h, st.router_logits[:T])
             ops.route(st.router_logits[:T], k, cfg.norm_topk_prob, ids, weights)
-            routing[:, :k], routing[:, k:] = ids.view(np.float32), weights
-        comm.bcast(routing)
-        if w.router is None:  # the other ranks unpack the root's choices
-            ids[:], weights[:] = routing[:, :k].view(np.int32), routing[:, k:]
+        if self.broadcast_routing:
+            if w.router is not None:
+                routing[:, :k], routing[:, k:] = ids.view(np.float32), weights
+            comm.bcast(routing)
+            if w.router is None:  # the other ranks unpack the root's choices
+                ids[:], weights[:] = routing[:, :k].view(np.int32), routing[:, k:]
         local = st.local_ids[:T]
         ops.local_expert_ids(ids, self.expert_offset, self.n_local_experts, local)
         if w.gate is not None:
@@ -144,7 +151,8 @@ class Model:
         self.cfg, self.plan, self.shard, self.weights, self.is_root = cfg, plan, shard, weights, is_root
         self.k_cache, self.v_cache, self.nthreads = k_cache, v_cache, nthreads
         self.max_seq_len = k_cache.shape[3]
-        self.layers = [Layer(cfg, shard, w, k_cache[i], v_cache[i]) for i, w in enumerate(weights.layers)]
+        self.layers = [Layer(cfg, shard, w, k_cache[i], v_cache[i], plan.routing == "root")
+                       for i, w in enumerate(weights.layers)]
         self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)
         self._states: dict[int, RunState] = {}
         # where this rank's forward time went (--verbose prints the root's); the collectives are inside

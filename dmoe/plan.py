@@ -27,6 +27,9 @@ from dmoe.config import ModelConfig
 
 MOE_SPLITS = ("ffn", "experts")
 OUTPUTS = ("split", "root")  # where the output matrix runs
+# who runs the router: rank 0, broadcasting its choices each layer, or every rank for itself (one message fewer a
+# layer; sound because every rank holds the same x to the bit: see Model)
+ROUTINGS = ("root", "every-rank")
 FFN_UNIT = 32  # FFN slices are whole quantisation blocks, so down's column slices stay zero-copy
 
 
@@ -74,6 +77,7 @@ class RankShard:
     experts: tuple[int, int]  # whole experts owned (all of them under "ffn")
     ffn: tuple[int, int]  # slice of every owned expert's FFN dimension
     vocab: tuple[int, int]  # rows of the output matrix
+    routes: bool  # runs the router
 
     @property
     def n_q_heads(self) -> int:
@@ -88,6 +92,7 @@ class RankShard:
 class ShardPlan:
     world_size: int
     moe_split: str
+    routing: str  # one of ROUTINGS
     shards: tuple[RankShard, ...]
 
     def __getitem__(self, rank: int) -> RankShard:
@@ -95,13 +100,15 @@ class ShardPlan:
 
     @classmethod
     def make(cls, cfg: ModelConfig, world_size: int, moe_split: str = "ffn", output: str = "split",
-             shares: Sequence[Fraction] | None = None) -> ShardPlan:
+             shares: Sequence[Fraction] | None = None, routing: str = "root") -> ShardPlan:
         """output: "split" gives each rank 1/N of the output matrix's rows (rank 0 gathers the logits: 4 bytes a
         vocabulary row a token), "root" all of them to rank 0 (no logits cross the network: for slow links).
         shares: each rank's part of the heads, experts (or FFN slices) and output rows, for hosts of unequal
-        speed (see parse_shares); None: equal."""
+        speed (see parse_shares); None: equal. routing: see ROUTINGS."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
         if moe_split not in MOE_SPLITS:
@@ -125,5 +132,6 @@ class ShardPlan:
         for r in range(world_size):
             qa, qb = q_ranges[r]
             kv = (qa // group, (qb - 1) // group + 1) if qb > qa else (0, 0)
-            shards.append(RankShard(r, (qa, qb), kv, expert_ranges[r], ffn_ranges[r], vocab_ranges[r]))
-        return cls(world_size, moe_split, tuple(shards))
+            shards.append(RankShard(r, (qa, qb), kv, expert_ranges[r], ffn_ranges[r], vocab_ranges[r],
+                                    r == 0 or routing == "every-rank"))
+        return cls(world_size, moe_split, routing, tuple(shards))

@@ -30,7 +30,7 @@ class LayerWeights:
     ffn_norm: np.ndarray  # [d]
     qkv: Weight | RowStack | None  # [H*D + 2*Hkv*D, d]: this rank's query heads, then its K and V heads; None: none
     o: Weight | None  # [d, H*D]: the columns of this rank's heads
-    router: Weight | None  # [E, d], on the root only
+    router: Weight | None  # [E, d], where the shard routes (the root, or every rank)
     gate: ExpertWeights | None  # [E_local, ff_local, d]; None: no experts here
     up: ExpertWeights | None  # [E_local, ff_local, d]
     down: ExpertWeights | None  # [E_local, d, ff_local]
@@ -63,12 +63,12 @@ def column_slice(raw: np.ndarray, qtype: QT, cols: int, c0: int, c1: int) -> tup
     return vals.view(np.uint8).reshape(*vals.shape[:-1], (c1 - c0) * 4), QT.F32, 0
 
 
-def load_weights(mf: ModelFile, shard: RankShard, is_root: bool, store: PackStore, progress: bool = False
+def load_weights(mf: ModelFile, shard: RankShard, store: PackStore, progress: bool = False
                  ) -> ModelWeights:
     """Pack this rank's shard of every layer (or map it from the pack cache)."""
     cfg = mf.config
     D = cfg.head_dim
-    layers = [_load_layer(mf, f"blk.{i}.", shard, is_root, D, store)
+    layers = [_load_layer(mf, f"blk.{i}.", shard, D, store)
               for i in tqdm(range(cfg.num_hidden_layers), desc="loading", unit="layer", disable=not progress)]
     out_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
     v0, v1 = shard.vocab
@@ -94,7 +94,7 @@ def _stacked(store: PackStore, parts: list[np.ndarray], types: list[QT], cols: i
     return weights[0] if len(weights) == 1 else RowStack(weights)
 
 
-def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, store: PackStore) -> LayerWeights:
+def _load_layer(mf: ModelFile, b: str, shard: RankShard, D: int, store: PackStore) -> LayerWeights:
     cfg = mf.config
     d = cfg.hidden_size
     qkv = o = router = gate = up = down = None
@@ -107,7 +107,7 @@ def _load_layer(mf: ModelFile, b: str, shard: RankShard, is_root: bool, D: int, 
         t = mf.tensors[b + "attn_output.weight"]
         raw, qt, c0 = column_slice(mf.raw(b + "attn_output.weight"), t.qtype, cfg.q_dim, qa * D, qb * D)
         o = store.weight([raw], [qt], (qb - qa) * D, c0)
-    if is_root:
+    if shard.routes:
         router = store.weight([mf.raw(b + "ffn_gate_inp.weight")], [mf.tensors[b + "ffn_gate_inp.weight"].qtype], d)
     (e0, e1), (f0, f1) = shard.experts, shard.ffn
     if e1 > e0 and f1 > f0:

@@ -15,9 +15,9 @@ N_NEW = 12
 
 
 def run_ranks(n: int, model: str, moe_split: str, out: str, timeout: int = 240, comm_type: str = "f32",
-              output: str = "split", shares: str = "") -> dict[str, np.ndarray]:
+              output: str = "split", shares: str = "", routing: str = "root") -> dict[str, np.ndarray]:
     cmd = ["mpirun", "-n", str(n), sys.executable, os.path.join(HERE, "mpi_logits.py"), model, moe_split, out,
-           str(N_NEW), comm_type, output, *([shares] if shares else [])]
+           str(N_NEW), comm_type, output, shares, routing]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(out) as f:
@@ -114,3 +114,16 @@ def test_uneven_shares(shares: str, moe_split: str, model_file, single, tmp_path
                     shares=shares)
     assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-5 * np.abs(ref["logits"]).max()
     assert got["greedy"].tolist() == ref["greedy"].tolist()
+
+
+@pytest.mark.parametrize(("n", "moe_split", "comm_type"),
+                         [(2, "ffn", "f32"), (3, "ffn", "q8_0"), (4, "experts", "f32")])
+def test_every_rank_routes(n: int, moe_split: str, comm_type: str, model_file, tmp_path) -> None:
+    """--routing every-rank: each rank runs the router on its own copy of x instead of receiving the root's
+    choices; x is the same on every rank to the bit, so the logits are exactly those of the root's broadcast."""
+    model = model_file("d", "f32")
+    got = run_ranks(n, model, moe_split, str(tmp_path / "r.npz"), comm_type=comm_type, routing="every-rank")
+    ref = run_ranks(n, model, moe_split, str(tmp_path / "b.npz"), comm_type=comm_type)
+    assert np.array_equal(got["logits"], ref["logits"])
+    assert got["greedy"].tolist() == ref["greedy"].tolist()
+    assert got["comm_bytes"] < ref["comm_bytes"]

@@ -32,14 +32,17 @@ def resident(value: object) -> int:
     return 0
 
 
-@pytest.mark.parametrize(("n", "moe_split"), [(1, "ffn"), (3, "ffn"), (2, "experts"), (5, "ffn")])
-def test_plan_matches_what_ranks_pack(n: int, moe_split: str, mix_file) -> None:
-    """A Q4_K_M mix (q/k/v of two layouts, down slices that cut super-blocks at 3 and 5 ranks)."""
+@pytest.mark.parametrize(("n", "moe_split", "routing"),
+                         [(1, "ffn", "root"), (3, "ffn", "root"), (2, "experts", "root"), (5, "ffn", "root"),
+                          (2, "ffn", "every-rank")])
+def test_plan_matches_what_ranks_pack(n: int, moe_split: str, routing: str, mix_file) -> None:
+    """A Q4_K_M mix (q/k/v of two layouts, down slices that cut super-blocks at 3 and 5 ranks); with every
+    rank routing, every rank holds the routers."""
     with ModelFile(mix_file("q4_k_m")) as mf:
         cfg, types = mf.config, {name: t.qtype for name, t in mf.tensors.items()}
-        plan = ShardPlan.make(cfg, n, moe_split)
+        plan = ShardPlan.make(cfg, n, moe_split, routing=routing)
         for shard, predicted in zip(plan.shards, footprint(cfg, types, plan, 64, "f16"), strict=True):
-            w = load_weights(mf, shard, shard.rank == 0, PackStore())
+            w = load_weights(mf, shard, PackStore())
             packed = sum(resident(v) for layer in w.layers for v in vars(layer).values())
             assert predicted.weights == packed + resident(w.output_norm) + resident(w.output), shard
             assert predicted.kv_cache == 2 * cfg.num_hidden_layers * shard.n_kv_heads * 64 * cfg.head_dim * 2
