@@ -21,6 +21,7 @@ from dmoe.wire import BLOCK, check_type, decode, encode, wire_bytes
 # then asleep between polls that back off from POLL_MIN_S to POLL_MAX_S. A root that sends a command after a
 # pause first wakes the workers (through the supervisor's connections), so the back-off costs no latency.
 SPIN_S, POLL_MIN_S, POLL_MAX_S = 0.05, 50e-6, 0.02
+COMPACT_PLANS = 16  # buffer sizes whose compact all-reduce scratch is kept (decode batches: 1-8 tokens)
 
 # Variables that MPI launchers (MPICH's hydra, Open MPI, Slurm's PMI) set in every rank.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -70,6 +71,23 @@ class LocalComm:
         os._exit(code)
 
 
+class _CompactPlan:
+    """How MPIComm's compact all-reduce cuts a buffer of `size` floats over n ranks (part k: floats
+    bounds[k]:bounds[k + 1], sizes[k] bytes on the wire at offsets[k]), and its scratch, kept between calls."""
+
+    def __init__(self, kind: str, size: int, n: int, me: int) -> None:
+        blocks = size // BLOCK
+        self.kind = kind
+        self.bounds = [k * blocks // n * BLOCK for k in range(n + 1)]
+        self.sizes = [wire_bytes(kind, self.bounds[k + 1] - self.bounds[k]) for k in range(n)]
+        self.offsets = [sum(self.sizes[:k]) for k in range(n)]
+        self.send = np.empty(sum(self.sizes), np.uint8)
+        self.gathered = np.empty_like(self.send)
+        self.recv = np.empty(self.sizes[me] * n, np.uint8)
+        self.total = np.empty(self.bounds[me + 1] - self.bounds[me], np.float32)
+        self.other = np.empty_like(self.total)
+
+
 class MPIComm:
     """COMM_WORLD through mpi4py. Import is deferred so that a plain `python launch.py` never loads MPI."""
 
@@ -90,6 +108,7 @@ class MPIComm:
         self.seconds = 0.0
         self.bytes_sent = 0
         self.reduce_type = "f32"  # the all-reduces' wire form (wire.py); every rank must set the same
+        self._compact: dict[int, _CompactPlan] = {}  # per buffer size: the compact all-reduce's parts and buffers
 
     def set_reduce_type(self, kind: str) -> None:
         self.reduce_type = check_type(kind)
@@ -109,25 +128,25 @@ class MPIComm:
         (its own copy in f32, the others' decoded) and encodes the sum; every rank decodes every part's sum,
         its own too, so all hold the same values. On the wire: 2 (N-1) / N of the buffer, compact."""
         kind, n, me = self.reduce_type, self.size, self.rank
-        blocks = flat.size // BLOCK
-        bounds = [k * blocks // n * BLOCK for k in range(n + 1)]
-        sizes = [wire_bytes(kind, bounds[k + 1] - bounds[k]) for k in range(n)]
-        offsets = [sum(sizes[:k]) for k in range(n)]
-        send = np.empty(sum(sizes), np.uint8)
+        plan = self._compact.get(flat.size)
+        if plan is None or plan.kind != kind:
+            if len(self._compact) >= COMPACT_PLANS:  # prefill chunks come in many sizes: keep a few
+                self._compact.clear()
+            plan = self._compact[flat.size] = _CompactPlan(kind, flat.size, n, me)
+        bounds, sizes, offsets, send = plan.bounds, plan.sizes, plan.offsets, plan.send
         for k in range(n):
             encode(kind, flat[bounds[k]:bounds[k + 1]], send[offsets[k]:offsets[k] + sizes[k]])
         mine = sizes[me]
-        recv = np.empty(mine * n, np.uint8)
         byte = self._mpi.BYTE
-        self._comm.Alltoallv([send, sizes, offsets, byte], [recv, [mine] * n, [mine * k for k in range(n)], byte])
-        total = flat[bounds[me]:bounds[me + 1]].copy()
-        other = np.empty_like(total)
+        self._comm.Alltoallv([send, sizes, offsets, byte], [plan.recv, [mine] * n, [mine * k for k in range(n)], byte])
+        total, other = plan.total, plan.other
+        total[:] = flat[bounds[me]:bounds[me + 1]]
         for k in range(n):
             if k != me:
-                decode(kind, recv[mine * k:mine * (k + 1)], other)
+                decode(kind, plan.recv[mine * k:mine * (k + 1)], other)
                 total += other
         encode(kind, total, send[offsets[me]:offsets[me] + mine])
-        gathered = np.empty_like(send)
+        gathered = plan.gathered
         self._comm.Allgatherv([send[offsets[me]:offsets[me] + mine], byte], [gathered, sizes, offsets, byte])
         for k in range(n):
             decode(kind, gathered[offsets[k]:offsets[k] + sizes[k]], flat[bounds[k]:bounds[k + 1]])

@@ -61,9 +61,9 @@ class RunState:
         self.x = np.zeros((capacity, d), np.float32)  # [T, d] residual stream
         self.h = np.zeros((capacity, d), np.float32)  # [T, d] normalised input of a block
         self.qkv = np.zeros((capacity, (H + 2 * Hkv) * D), np.float32)  # [T, (H + 2 Hkv) D]
-        # queries and keys apart from qkv, contiguous: attend's loops over a strided slice of qkv do not
-        # vectorise (4x slower), and numba would compile the kernels twice (a strided slice of a one-row
-        # array is contiguous to numpy: decode and prefill would type them differently)
+        # queries and keys apart from qkv, contiguous: else numba would compile the norm/RoPE and attention
+        # kernels twice (a strided slice of a one-row array is contiguous to numpy: decode and prefill would
+        # type them differently)
         self.q = np.zeros((capacity, H * D), np.float32)  # [T, H D]
         self.k = np.zeros((capacity, Hkv * D), np.float32)  # [T, Hkv D]
         self.attn = np.zeros((capacity, H * D), np.float32)  # [T, H D]
