@@ -6,6 +6,14 @@ cache holds IEEE half bit patterns in uint16 (written with numpy's correctly rou
 token carries its slot and position. Work is split by (token, KV head): each K and V row is read once for
 the whole group of query heads that share it, which are register tiles of up to 8 heads. Values are summed
 in blocks of positions whose rows stay in L1 while every 8- or 16-value slice of the output is accumulated.
+
+A long prompt's tokens go in tiles (`attend_tiles`): up to TILE_LANES // group consecutive tokens of one
+sequence and the query heads they read of one KV head, 32 (token, head) lanes in all, against blocks of cache
+rows widened to f32 once per tile. Scores and outputs are then products of a lane vector and one broadcast
+cache value (qk_tile, pv_tile): no horizontal sums, each cache row read once for the tile's tokens instead of
+once a token, and the tile's positions past a token's own masked before the softmax (their weights, exp(-87),
+leave every sum unchanged, so a token's result does not depend on its tile-mates). One Zen 5 core, 30B-A3B
+shapes: 1.45x attend's speed at 512 tokens, 1.66x at 2,048 (0.9x at 64). The two kernels round differently.
 """
 
 from __future__ import annotations
@@ -16,15 +24,30 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .attention_simd import pv_add, qk_scores, softmax_exp
+from .attention_simd import TILE_LANES, pv_add, pv_tile, qk_scores, qk_tile, softmax_exp, widen_rows
 from .jitcache import drop_stale
 
 _BLOCK = 64  # cache positions per pass of the value sum: 64 f16 rows of 128 values are 16 KB, in L1
+TILE_ROWS = 32  # cache rows a tile widens at a time: 32 f32 rows of 128 values (16 KB) beside its queries (16 KB)
 
 
 def scratch_width(group: int) -> int:
     """Columns of the per-thread scores scratch [S, Gp] for `group` query heads a KV head: a multiple of 8."""
     return -(-group // 8) * 8
+
+
+def aligned_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """f32 zeros at a 64-byte boundary: the tile kernels' rows of 32 lanes are then whole cache lines (numpy's
+    16-byte alignment split every other 512-bit load across two, and the tiles ran 1.3x slower)."""
+    n = int(np.prod(shape))
+    raw = np.zeros(n + 16, np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip:skip + n].reshape(shape)
+
+
+def tile_tokens(group: int) -> int:
+    """Tokens a prefill tile holds for `group` query heads a KV head; 0: too many heads for a tile."""
+    return TILE_LANES // group
 
 
 def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
@@ -97,4 +120,64 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
             out[t, (h0 + g) * D:(h0 + g + 1) * D] *= norm[g]
 
 
-drop_stale((attend,), [Path(__file__).parent / name for name in ("attention_simd.py", "kernels_simd.py")])
+@numba.njit(cache=True)
+def tiles_of(slots: np.ndarray, positions: np.ndarray, tile: int) -> np.ndarray:
+    """The step's tokens as tiles [n, 2] (first token, count): runs of up to `tile` tokens of one cache slot at
+    consecutive positions, in order."""
+    T = slots.shape[0]
+    out = np.empty((T, 2), np.int64)
+    n = t = 0
+    while t < T:
+        c = 1
+        while c < tile and t + c < T and slots[t + c] == slots[t] and positions[t + c] == positions[t] + c:
+            c += 1
+        out[n, 0], out[n, 1] = t, c
+        n += 1
+        t += c
+    return out[:n]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+                 positions: np.ndarray, tiles: np.ndarray, scores: np.ndarray, norms: np.ndarray, qt: np.ndarray,
+                 acc: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """attend's result, by tiles of tokens (tiles_of; count * group <= TILE_LANES). Per-thread scratch: scores
+    [threads, S, TILE_LANES], norms [threads, TILE_LANES], qt and acc [threads, D, TILE_LANES] (the tile's queries
+    and outputs by head dimension), rows [threads, TILE_ROWS, D] (widened cache rows)."""
+    n_tiles = tiles.shape[0]
+    _, n_kv, _, D = k_cache.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    for task in numba.prange(n_tiles * n_kv):
+        m, kvh = task // n_kv, task % n_kv
+        i = m // 2 if m % 2 == 0 else n_tiles - 1 - m // 2  # first and last tiles paired, as attend's tokens
+        t0, c = tiles[i, 0], tiles[i, 1]
+        h0, ng = heads[kvh, 0], heads[kvh, 1] - heads[kvh, 0]
+        slot, first = slots[t0], positions[t0]
+        tid = numba.get_thread_id()
+        sc, norm, qtt, ac, buf = scores[tid], norms[tid], qt[tid], acc[tid], rows[tid]
+        n = first + c
+        qtt[:] = 0.0
+        for u in range(c):
+            for g in range(ng):
+                for d in range(D):
+                    qtt[d, u * ng + g] = q[t0 + u, (h0 + g) * D + d] * scale
+        for j0 in range(0, n, TILE_ROWS):
+            widen_rows(k_cache, (slot, kvh, j0, 0), min(TILE_ROWS, n - j0), buf)
+            qk_tile(buf, min(TILE_ROWS, n - j0), qtt, sc, (j0, 0))
+        for u in range(c - 1):  # token u sees positions up to first + u
+            for j in range(first + u + 1, n):
+                for g in range(ng):
+                    sc[j, u * ng + g] = -np.inf
+        softmax_exp(sc, n, norm)
+        ac[:] = 0.0
+        for j0 in range(0, n, TILE_ROWS):
+            widen_rows(v_cache, (slot, kvh, j0, 0), min(TILE_ROWS, n - j0), buf)
+            pv_tile(buf, min(TILE_ROWS, n - j0), sc, (j0, 0), ac)
+        for u in range(c):
+            for g in range(ng):
+                col = u * ng + g
+                for d in range(D):
+                    out[t0 + u, (h0 + g) * D + d] = ac[d, col] * norm[col]
+
+
+drop_stale((attend, attend_tiles), [Path(__file__).parent / name for name in ("attention_simd.py", "kernels_simd.py")])

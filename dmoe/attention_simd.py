@@ -23,12 +23,19 @@ from numba.extending import intrinsic
 
 from .kernels_simd import HOST_WIDE, _call, _index_ok, _ptr, _splat
 
-__all__ = ["LANES", "qk_scores", "softmax_exp", "pv_add"]
+__all__ = ["LANES", "TILE_LANES", "qk_scores", "softmax_exp", "pv_add", "widen_rows", "qk_tile", "pv_tile"]
 
 LANES = 8  # f32 lanes of a vector of query heads' scores; the head dimension (a multiple of 8) goes 8 at a time,
 _WIDE = 16 if HOST_WIDE else LANES  # or 16 where 512-bit vectors run whole (then an 8-value tail where D % 16)
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
 _V = ir.VectorType(_F32, LANES)
+# The tiles of a prefill: the query heads of several tokens that read one KV head, as TILE_LANES lanes (two
+# 512-bit vectors or four of 256); per step of the head dimension, one lane vector meets _TILE_ROWS broadcast
+# cache values (scores), or one weights vector _TILE_DIMS values (outputs): as many accumulators as the
+# registers hold (32 of 512 bits, 16 of 256).
+TILE_LANES = 32
+_TILE_ROWS, _TILE_DIMS = (4, 8) if HOST_WIDE else (2, 2)
+_TV = ir.VectorType(_F32, TILE_LANES)
 
 
 def _cache_ok(cache) -> bool:  # noqa: ANN001 - a numba type
@@ -133,31 +140,33 @@ def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale):
 
 
 def _exp(builder, x):  # noqa: ANN001, ANN202
-    """exp(x) for <8 x float> x <= 0 (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r
-    times 2^k built in the exponent bits; within 2 ulp). Below -87, where exp(x) is under f32's normal range,
-    the result is that of -87 (1.6e-38: nothing a softmax weight can tell from 0)."""
+    """exp(x) for <8 x float> or <16 x float> x <= 0 (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-7
+    polynomial in r times 2^k built in the exponent bits; within 2 ulp). Below -87, where exp(x) is under f32's
+    normal range, the result is that of -87 (1.6e-38: nothing a softmax weight can tell from 0)."""
+    n = x.type.count
 
     def c(v: float):  # noqa: ANN202
-        return _splat(builder, ir.Constant(_F32, v), LANES)
+        return _splat(builder, ir.Constant(_F32, v), n)
 
-    x = _call(builder, "llvm.maxnum.v8f32", _V, x, c(-87.0))
-    k = _call(builder, "llvm.rint.v8f32", _V, builder.fmul(x, c(1.44269504088896341)))
+    x = _call(builder, f"llvm.maxnum.v{n}f32", x.type, x, c(-87.0))
+    k = _call(builder, f"llvm.rint.v{n}f32", x.type, builder.fmul(x, c(1.44269504088896341)))
     r = _fma(builder, k, c(-0.693359375), x)
     r = _fma(builder, k, c(2.12194440e-4), r)
     p = c(1.9875691500e-4)
     for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = _fma(builder, p, r, c(coef))
     p = _fma(builder, p, builder.fmul(r, r), builder.fadd(r, c(1.0)))
-    i32s = ir.VectorType(_I32, LANES)
-    two_k = builder.shl(builder.add(builder.fptosi(k, i32s), _splat(builder, ir.Constant(_I32, 127), LANES)),
-                        _splat(builder, ir.Constant(_I32, 23), LANES))
-    return builder.fmul(p, builder.bitcast(two_k, _V))
+    i32s = ir.VectorType(_I32, n)
+    two_k = builder.shl(builder.add(builder.fptosi(k, i32s), _splat(builder, ir.Constant(_I32, 127), n)),
+                        _splat(builder, ir.Constant(_I32, 23), n))
+    return builder.fmul(p, builder.bitcast(two_k, x.type))
 
 
 @intrinsic
 def softmax_exp(typingctx, sc, n, norm):
     """For each of sc's columns (sc [S, Gp], Gp a multiple of 8): sc[j] = exp(sc[j] - max) over rows j < n, and
-    norm[col] = 1 / sum of them. The weights stay unnormalised: the caller scales the output by norm."""
+    norm[col] = 1 / sum of them. The weights stay unnormalised: the caller scales the output by norm. Columns
+    go 16 at a time where 512-bit vectors run whole, then 8."""
     if not (isinstance(sc, types.Array) and sc.ndim == 2 and sc.dtype == types.float32):
         return None
     if not isinstance(n, types.Integer):
@@ -173,22 +182,32 @@ def softmax_exp(typingctx, sc, n, norm):
         base = builder.bitcast(context.make_array(sig.args[0])(context, builder, sc_v).data, _F32.as_pointer())
         out = builder.bitcast(context.make_array(sig.args[2])(context, builder, norm_v).data, _F32.as_pointer())
 
-        def at(j, col):  # noqa: ANN001, ANN202 - the vector sc[j, col : col + 8]
-            return builder.bitcast(builder.gep(base, [builder.add(builder.mul(j, width), col)]), _V.as_pointer())
+        def columns(col, lanes: int) -> None:  # noqa: ANN001 - sc[:, col : col + lanes]
+            vty = ir.VectorType(_F32, lanes)
 
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), width, ir.Constant(intp, LANES)) as (col, _):
-            top = cgutils.alloca_once_value(builder, _splat(builder, ir.Constant(_F32, float("-inf")), LANES))
+            def at(j):  # noqa: ANN001, ANN202
+                return builder.bitcast(builder.gep(base, [builder.add(builder.mul(j, width), col)]), vty.as_pointer())
+
+            top = cgutils.alloca_once_value(builder, _splat(builder, ir.Constant(_F32, float("-inf")), lanes))
             with cgutils.for_range(builder, rows) as loop:
-                v = builder.load(at(loop.index, col), align=4)
-                builder.store(_call(builder, "llvm.maxnum.v8f32", _V, v, builder.load(top)), top)
-            total = cgutils.alloca_once_value(builder, ir.Constant(_V, None))
+                v = builder.load(at(loop.index), align=4)
+                builder.store(_call(builder, f"llvm.maxnum.v{lanes}f32", vty, v, builder.load(top)), top)
+            total = cgutils.alloca_once_value(builder, ir.Constant(vty, None))
             with cgutils.for_range(builder, rows) as loop:
-                p = at(loop.index, col)
+                p = at(loop.index)
                 e = _exp(builder, builder.fsub(builder.load(p, align=4), builder.load(top)))
                 builder.store(e, p, align=4)
                 builder.store(builder.fadd(builder.load(total), e), total)
-            inv = builder.fdiv(_splat(builder, ir.Constant(_F32, 1.0), LANES), builder.load(total))
-            builder.store(inv, builder.bitcast(builder.gep(out, [col]), _V.as_pointer()), align=4)
+            inv = builder.fdiv(_splat(builder, ir.Constant(_F32, 1.0), lanes), builder.load(total))
+            builder.store(inv, builder.bitcast(builder.gep(out, [col]), vty.as_pointer()), align=4)
+
+        wide = ir.Constant(intp, _WIDE)
+        whole = builder.sub(width, builder.urem(width, wide))  # columns in _WIDE-lane vectors
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), whole, wide) as (col, _):
+            columns(col, _WIDE)
+        if _WIDE != LANES:
+            with cgutils.for_range_slice(builder, whole, width, ir.Constant(intp, LANES)) as (col, _):
+                columns(col, LANES)
         return context.get_dummy_value()
 
     return types.void(sc, n, norm), codegen
@@ -234,3 +253,113 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
         return context.get_dummy_value()
 
     return types.void(cache, cidx, n, sc, sidx, out, oidx, width), codegen
+
+
+def _data(context, builder, aryty, ary):  # noqa: ANN001, ANN202
+    """An f32 array's first element's address."""
+    return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, _F32.as_pointer())
+
+
+def _f32_2d(a) -> bool:  # noqa: ANN001 - a numba type
+    return isinstance(a, types.Array) and a.ndim == 2 and a.dtype == types.float32 and a.layout == "C"
+
+
+@intrinsic
+def widen_rows(typingctx, cache, cidx, m, dst):
+    """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]): a block of f16 rows widened once, so
+    that the tile kernels can broadcast single values from it."""
+    if not (_cache_ok(cache) and _index_ok(cache, cidx) and isinstance(m, types.Integer) and _f32_2d(dst)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        cache_v, cidx_v, m_v, dst_v = args
+        D = _len(context, builder, sig.args[0], cache_v, -1)
+        first = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        base = _data(context, builder, sig.args[3], dst_v)
+        with cgutils.for_range(builder, context.cast(builder, m_v, sig.args[2], types.intp)) as loop:
+            src, row = (builder.gep(p, [builder.mul(loop.index, D)]) for p in (first, base))
+
+            def chunk(start, width: int) -> None:  # noqa: ANN001
+                at = builder.bitcast(builder.gep(row, [start]), ir.VectorType(_F32, width).as_pointer())
+                builder.store(_load_row(builder, cache.dtype, src, start, width), at, align=4)
+
+            _head_chunks(builder, D, chunk)
+        return context.get_dummy_value()
+
+    return types.void(cache, cidx, m, dst), codegen
+
+
+@intrinsic
+def qk_tile(typingctx, kf, m, qt, sc, sidx):
+    """sc[sidx + (r, 0) : + TILE_LANES] = sum over d of qt[d] * kf[r, d], for r < m: m widened cache rows (kf [B, D])
+    against a tile of query heads laid out by head dimension (qt [D, TILE_LANES]); sc [S, TILE_LANES]. Each lane
+    vector of qt serves _TILE_ROWS rows: no horizontal sums, one broadcast per row and dimension."""
+    if not (_f32_2d(kf) and isinstance(m, types.Integer) and _f32_2d(qt) and _f32_2d(sc) and _index_ok(sc, sidx)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        kf_v, m_v, qt_v, sc_v, sidx_v = args
+        intp = context.get_value_type(types.intp)
+        D = _len(context, builder, sig.args[0], kf_v, 1)
+        kbase, qbase = _data(context, builder, sig.args[0], kf_v), _data(context, builder, sig.args[2], qt_v)
+        out = builder.bitcast(_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v), _F32.as_pointer())
+        rows = context.cast(builder, m_v, sig.args[1], types.intp)
+        lanes = ir.Constant(intp, TILE_LANES)
+
+        def block(r0, n: int) -> None:  # noqa: ANN001 - rows r0 .. r0 + n - 1
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_TV, None)) for _ in range(n)]
+            with cgutils.for_range(builder, D) as dim:
+                d = dim.index
+                qv = builder.load(builder.bitcast(builder.gep(qbase, [builder.mul(d, lanes)]), _TV.as_pointer()),
+                                  align=4)
+                for i in range(n):
+                    k = builder.load(builder.gep(kbase, [builder.add(builder.mul(builder.add(r0, ir.Constant(intp, i)),
+                                                                                  D), d)]))
+                    builder.store(_fma(builder, qv, _splat(builder, k, TILE_LANES), builder.load(accs[i])), accs[i])
+            for i in range(n):
+                at = builder.gep(out, [builder.mul(builder.add(r0, ir.Constant(intp, i)), lanes)])
+                builder.store(builder.load(accs[i]), builder.bitcast(at, _TV.as_pointer()), align=4)
+
+        full = builder.sub(rows, builder.urem(rows, ir.Constant(intp, _TILE_ROWS)))
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), full, ir.Constant(intp, _TILE_ROWS)) as (r0, _):
+            block(r0, _TILE_ROWS)
+        with cgutils.for_range_slice(builder, full, rows, ir.Constant(intp, 1)) as (r, _):
+            block(r, 1)
+        return context.get_dummy_value()
+
+    return types.void(kf, m, qt, sc, sidx), codegen
+
+
+@intrinsic
+def pv_tile(typingctx, vf, m, sc, sidx, acc):
+    """acc[d] += sum over r < m of sc[sidx + (r, 0) : + TILE_LANES] * vf[r, d], for every d: m widened value rows
+    (vf [B, D]) weighted into a tile's outputs laid out by head dimension (acc [D, TILE_LANES]), _TILE_DIMS
+    dimensions' accumulators in registers across the rows."""
+    if not (_f32_2d(vf) and isinstance(m, types.Integer) and _f32_2d(sc) and _index_ok(sc, sidx) and _f32_2d(acc)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vf_v, m_v, sc_v, sidx_v, acc_v = args
+        intp = context.get_value_type(types.intp)
+        D = _len(context, builder, sig.args[0], vf_v, 1)
+        vbase, abase = _data(context, builder, sig.args[0], vf_v), _data(context, builder, sig.args[4], acc_v)
+        weights = builder.bitcast(_ptr(context, builder, sig.args[2], sc_v, sig.args[3], sidx_v), _F32.as_pointer())
+        rows = context.cast(builder, m_v, sig.args[1], types.intp)
+        lanes = ir.Constant(intp, TILE_LANES)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), D, ir.Constant(intp, _TILE_DIMS)) as (d0, _):
+            spots = [builder.bitcast(builder.gep(abase, [builder.mul(builder.add(d0, ir.Constant(intp, i)), lanes)]),
+                                     _TV.as_pointer()) for i in range(_TILE_DIMS)]
+            accs = [cgutils.alloca_once_value(builder, builder.load(s, align=4)) for s in spots]
+            with cgutils.for_range(builder, rows) as row:
+                r = row.index
+                p = builder.load(builder.bitcast(builder.gep(weights, [builder.mul(r, lanes)]), _TV.as_pointer()),
+                                 align=4)
+                vrow = builder.gep(vbase, [builder.add(builder.mul(r, D), d0)])
+                for i in range(_TILE_DIMS):
+                    v = builder.load(builder.gep(vrow, [ir.Constant(intp, i)]))
+                    builder.store(_fma(builder, p, _splat(builder, v, TILE_LANES), builder.load(accs[i])), accs[i])
+            for s, a in zip(spots, accs, strict=True):
+                builder.store(builder.load(a), s, align=4)
+        return context.get_dummy_value()
+
+    return types.void(vf, m, sc, sidx, acc), codegen

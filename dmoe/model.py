@@ -33,6 +33,11 @@ from dmoe.plan import RankShard, ShardPlan
 from dmoe.weights import LayerWeights, ModelWeights
 
 DECODE_CAPACITY = 8  # steps of up to this many tokens (a batch of decoding sequences) share one RunState
+# The most tokens a step that several sequences share holds (the scheduler's budget). Longer steps, one long
+# prompt on its own (launch.py, bench, chat), attend by tiles of tokens (attention.attend_tiles); the rest token by
+# token. The kernels round differently, and this way what a served request computes never depends on which
+# neighbours share its steps.
+SHARED_STEP_TOKENS = 256
 
 
 class Batch:
@@ -81,6 +86,16 @@ class RunState:
         width = attention.scratch_width(group)
         self.scores = np.zeros((threads, max_seq, width), np.float32)  # attention scratch per thread [S, Gp]
         self.norms = np.zeros((threads, width), np.float32)  # each head's softmax normaliser, per thread
+        # a long prompt's tiles (see SHARED_STEP_TOKENS): tokens a tile, and per thread the tile's scores, queries and
+        # outputs (by head dimension) and cache rows widened to f32
+        self.tile = attention.tile_tokens(group) if capacity > SHARED_STEP_TOKENS else 0
+        if self.tile:
+            lanes = attention.TILE_LANES
+            self.tile_scores = attention.aligned_zeros((threads, max_seq, lanes))
+            self.tile_norms = np.zeros((threads, lanes), np.float32)
+            self.tile_q = attention.aligned_zeros((threads, D, lanes))
+            self.tile_out = attention.aligned_zeros((threads, D, lanes))
+            self.tile_rows = attention.aligned_zeros((threads, attention.TILE_ROWS, D))
 
 
 class Layer:
@@ -94,8 +109,9 @@ class Layer:
         self.broadcast_routing = broadcast_routing  # the root's choices travel; else every rank routes
         self.n_local_experts = shard.experts[1] - shard.experts[0]
 
-    def attention(self, st: RunState, batch: Batch, rope: tuple[np.ndarray, np.ndarray],
+    def attention(self, st: RunState, batch: Batch, tiles: np.ndarray | None, rope: tuple[np.ndarray, np.ndarray],
                   comm: LocalComm | MPIComm) -> None:
+        """The attention block; tiles: the step's tokens as attention.tiles_of gives them, for a long prompt."""
         cfg, w, T = self.cfg, self.w, batch.T
         x, h, o = st.x[:T], st.h[:T], st.o[:T]
         ops.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, h)
@@ -108,8 +124,13 @@ class Layer:
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
             attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slots, batch.positions)
-            attention.attend(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, st.scores,
-                             st.norms, st.attn[:T])
+            if tiles is not None:
+                attention.attend_tiles(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, tiles,
+                                       st.tile_scores, st.tile_norms, st.tile_q, st.tile_out, st.tile_rows,
+                                       st.attn[:T])
+            else:
+                attention.attend(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, st.scores,
+                                 st.norms, st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
@@ -177,9 +198,11 @@ class Model:
         t0 = clock()
         st.x[:T] = quant.dequantize(w.embedding[batch.ids], w.embedding_type, cfg.hidden_size)
         phase["embedding"] += clock() - t0
+        tiles = (attention.tiles_of(batch.slots, batch.positions, st.tile) if st.tile and T > SHARED_STEP_TOKENS
+                 else None)
         for layer in self.layers:
             t0 = clock()
-            layer.attention(st, batch, self.rope, comm)
+            layer.attention(st, batch, tiles, self.rope, comm)
             t1 = clock()
             layer.moe(st, T, comm)
             phase["attention"] += t1 - t0

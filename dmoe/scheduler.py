@@ -22,11 +22,12 @@ from typing import Any, Protocol
 from dmoe.constraints import Constraint
 from dmoe.engine import Engine
 from dmoe.generation import Generation, GenerationStats, shared_prefix
+from dmoe.model import SHARED_STEP_TOKENS
 from dmoe.reasoning import ReplyText
 from dmoe.sampling import SamplingParams
 from dmoe.toolcalls import ToolCallParser
 
-STEP_TOKENS = 256  # tokens per step at most, decodes first: bounds how long a prompt's chunk delays the others
+STEP_TOKENS = SHARED_STEP_TOKENS  # tokens a step at most, decodes first: bounds how long a chunk delays the others
 IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
 
 

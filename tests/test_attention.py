@@ -1,6 +1,7 @@
-"""The attention kernel against a float64 numpy reference: f16 and f32 caches, every head tiling (8, 4 and 1
+"""The attention kernels against a float64 numpy reference: f16 and f32 caches, every head tiling (8, 4 and 1
 heads a register tile), query-head ranges that cut KV groups (as ranks' shards do), batches of tokens in
-several cache slots, and depths over several value blocks."""
+several cache slots, and depths over several value blocks; and the prefill's tiles of tokens (attend_tiles):
+prompts and chunks of them beside decoded tokens, groups of 1 to 16 heads, partial tiles and cache blocks."""
 
 from __future__ import annotations
 
@@ -71,3 +72,44 @@ def test_softmax_takes_extreme_scores() -> None:
     s = k[0, 0, :, 0].astype(np.float64)
     want = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     np.testing.assert_allclose(out[0, :n], want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize(("D", "heads", "depth", "kv_type", "seqs"), [
+    (128, [(0, 8), (8, 16)], 300, np.uint16, [(1, 100, 40)]),          # 30B-A3B: a chunk of a prompt, tiles of 4
+    (128, [(0, 16)], 200, np.uint16, [(0, 0, 13), (2, 150, 8)]),       # 235B-A22B: tiles of 2; two prompts
+    (64, [(3, 6), (6, 8)], 130, np.uint16, [(1, 5, 20), (0, 90, 1), (2, 40, 9)]),  # cut groups; a decoded token
+    (16, [(0, 6), (6, 12)], 40, np.float32, [(0, 0, 17)]),            # 5 tokens a tile, 30 of 32 lanes
+    (32, [(0, 1)], 70, np.float32, [(2, 3, 50)]),                     # 1 head a KV head: tiles of 32 tokens
+    (32, [(0, 13)], 90, np.uint16, [(0, 80, 9)]),                     # tiles of 2 and a last one of 1
+    (24, [(0, 8)], 50, np.uint16, [(1, 30, 12)]),                     # a head dimension of 16 + 8
+])
+def test_attend_tiles_matches_reference(D: int, heads: list[tuple[int, int]], depth: int, kv_type: type,
+                                        seqs: list[tuple[int, int, int]]) -> None:
+    """seqs: (slot, first position, tokens) of each sequence in the step."""
+    rng = np.random.default_rng(D + depth)
+    heads_arr = np.array(heads, np.int32) - heads[0][0]
+    n_kv, H = len(heads), heads[-1][1] - heads[0][0]
+    T = sum(c for _, _, c in seqs)
+    q = (3 * rng.standard_normal((T, H * D))).astype(np.float32)
+    caches = [rng.standard_normal((3, n_kv, depth, D)).astype(np.float32) for _ in range(2)]
+    if kv_type == np.uint16:
+        caches = [c.astype(np.float16).view(np.uint16) for c in caches]
+    slots = np.concatenate([[s] * c for s, _, c in seqs]).astype(np.int64)
+    positions = np.concatenate([np.arange(p, p + c) for _, p, c in seqs]).astype(np.int64)
+    tiles = attention.tiles_of(slots, positions, attention.tile_tokens(max(h1 - h0 for h0, h1 in heads)))
+    assert tiles[:, 1].sum() == T and len(tiles) < T  # some tiles hold several tokens
+    threads, lanes = numba.get_num_threads(), attention.TILE_LANES
+    out = np.full((T, H * D), np.nan, np.float32)
+    scratch = [np.zeros(shape, np.float32) for shape in ((threads, depth, lanes), (threads, lanes),
+                                                         (threads, D, lanes), (threads, D, lanes),
+                                                         (threads, attention.TILE_ROWS, D))]
+    attention.attend_tiles(q, heads_arr, *caches, slots, positions, tiles, *scratch, out)
+    want = reference(q, heads_arr, *caches, slots, positions)
+    assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_tiles_follow_sequences() -> None:
+    """A tile never spans two slots or a gap in positions, and holds at most `tile` tokens."""
+    slots = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2], np.int64)
+    positions = np.array([7, 8, 9, 10, 11, 3, 5, 0, 1, 2], np.int64)
+    assert attention.tiles_of(slots, positions, 4).tolist() == [[0, 4], [4, 1], [5, 1], [6, 1], [7, 3]]

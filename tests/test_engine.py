@@ -8,6 +8,7 @@ import torch
 from hf_models import CONFIGS, load_reference, reference_logits, reference_on_file_weights
 
 from dmoe.engine import ContextFullError, Engine
+from dmoe.model import SHARED_STEP_TOKENS
 
 SEQ = 24
 
@@ -53,6 +54,21 @@ def test_f32_logits_match_transformers(name: str, hf_checkpoint, model_file) -> 
     ours = eng.forward(ids, all_logits=True)
     ref = reference_logits(load_reference(hf_checkpoint(name)), ids)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize(("name", "kv_type"), [("d", "f32"), ("b", "f16"), ("c", "f32")])
+def test_a_long_prompt_matches_transformers(name: str, kv_type: str, hf_checkpoint, model_file) -> None:
+    """A prompt longer than a shared step (SHARED_STEP_TOKENS) attends by tiles of tokens (GQA 4: tiles of 8
+    tokens; GQA 6: 5; MHA: 32), the same prompt fed in chunks token by token: both match transformers."""
+    eng = Engine.load(model_file(name, "f32"), max_seq_len=320, kv_type=kv_type, nthreads=2)
+    ids = _ids(eng.config.vocab_size, SHARED_STEP_TOKENS + 43, seed=3)
+    ref = reference_logits(load_reference(hf_checkpoint(name)), ids)
+    tiled = eng.forward(ids, all_logits=True)
+    eng.reset()
+    chunked = np.concatenate([eng.forward(ids[i:i + 100], all_logits=True) for i in range(0, len(ids), 100)])
+    tolerance = (1e-4 if kv_type == "f32" else 3e-3) * np.abs(ref).max()
+    assert np.abs(tiled - ref).max() <= tolerance
+    assert np.abs(chunked - ref).max() <= tolerance
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
