@@ -118,7 +118,7 @@ class MPIComm:
         t0 = time.perf_counter()
         if self.reduce_type == "f32" or buf.size % BLOCK:
             self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
-            self.bytes_sent += buf.nbytes
+            self.bytes_sent += 2 * (self.size - 1) * buf.nbytes // self.size  # MPI's reduce-scatter + all-gather
         else:
             self._compact_allreduce(buf.reshape(-1))
         self.seconds += time.perf_counter() - t0
