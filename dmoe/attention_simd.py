@@ -260,6 +260,12 @@ def _data(context, builder, aryty, ary):  # noqa: ANN001, ANN202
     return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, _F32.as_pointer())
 
 
+def _lane_row(builder, base, row):  # noqa: ANN001, ANN202
+    """Row `row` (an intp) of an f32 array of TILE_LANES columns at base, as a pointer to one lane vector."""
+    at = builder.gep(base, [builder.mul(row, ir.Constant(row.type, TILE_LANES))])
+    return builder.bitcast(at, _TV.as_pointer())
+
+
 def _f32_2d(a) -> bool:  # noqa: ANN001 - a numba type
     return isinstance(a, types.Array) and a.ndim == 2 and a.dtype == types.float32 and a.layout == "C"
 
@@ -304,21 +310,18 @@ def qk_tile(typingctx, kf, m, qt, sc, sidx):
         kbase, qbase = _data(context, builder, sig.args[0], kf_v), _data(context, builder, sig.args[2], qt_v)
         out = builder.bitcast(_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v), _F32.as_pointer())
         rows = context.cast(builder, m_v, sig.args[1], types.intp)
-        lanes = ir.Constant(intp, TILE_LANES)
 
         def block(r0, n: int) -> None:  # noqa: ANN001 - rows r0 .. r0 + n - 1
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_TV, None)) for _ in range(n)]
+            krows = [builder.gep(kbase, [builder.mul(builder.add(r0, ir.Constant(intp, i)), D)]) for i in range(n)]
             with cgutils.for_range(builder, D) as dim:
-                d = dim.index
-                qv = builder.load(builder.bitcast(builder.gep(qbase, [builder.mul(d, lanes)]), _TV.as_pointer()),
-                                  align=4)
-                for i in range(n):
-                    k = builder.load(builder.gep(kbase, [builder.add(builder.mul(builder.add(r0, ir.Constant(intp, i)),
-                                                                                  D), d)]))
-                    builder.store(_fma(builder, qv, _splat(builder, k, TILE_LANES), builder.load(accs[i])), accs[i])
-            for i in range(n):
-                at = builder.gep(out, [builder.mul(builder.add(r0, ir.Constant(intp, i)), lanes)])
-                builder.store(builder.load(accs[i]), builder.bitcast(at, _TV.as_pointer()), align=4)
+                qv = builder.load(_lane_row(builder, qbase, dim.index), align=4)
+                for krow, acc in zip(krows, accs, strict=True):
+                    k = _splat(builder, builder.load(builder.gep(krow, [dim.index])), TILE_LANES)
+                    builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
+            for i, acc in enumerate(accs):
+                at = _lane_row(builder, out, builder.add(r0, ir.Constant(intp, i)))
+                builder.store(builder.load(acc), at, align=4)
 
         full = builder.sub(rows, builder.urem(rows, ir.Constant(intp, _TILE_ROWS)))
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), full, ir.Constant(intp, _TILE_ROWS)) as (r0, _):
@@ -345,15 +348,12 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
         vbase, abase = _data(context, builder, sig.args[0], vf_v), _data(context, builder, sig.args[4], acc_v)
         weights = builder.bitcast(_ptr(context, builder, sig.args[2], sc_v, sig.args[3], sidx_v), _F32.as_pointer())
         rows = context.cast(builder, m_v, sig.args[1], types.intp)
-        lanes = ir.Constant(intp, TILE_LANES)
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), D, ir.Constant(intp, _TILE_DIMS)) as (d0, _):
-            spots = [builder.bitcast(builder.gep(abase, [builder.mul(builder.add(d0, ir.Constant(intp, i)), lanes)]),
-                                     _TV.as_pointer()) for i in range(_TILE_DIMS)]
+            spots = [_lane_row(builder, abase, builder.add(d0, ir.Constant(intp, i))) for i in range(_TILE_DIMS)]
             accs = [cgutils.alloca_once_value(builder, builder.load(s, align=4)) for s in spots]
             with cgutils.for_range(builder, rows) as row:
                 r = row.index
-                p = builder.load(builder.bitcast(builder.gep(weights, [builder.mul(r, lanes)]), _TV.as_pointer()),
-                                 align=4)
+                p = builder.load(_lane_row(builder, weights, r), align=4)
                 vrow = builder.gep(vbase, [builder.add(builder.mul(r, D), d0)])
                 for i in range(_TILE_DIMS):
                     v = builder.load(builder.gep(vrow, [ir.Constant(intp, i)]))
