@@ -62,17 +62,18 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
 
 
 @numba.njit(inline="always")
-def _scores(k_cache, slot, kvh, j, q, t, h0, ng, D, sc, scale):  # pragma: no cover - inlined
-    """sc[j, :ng] = the scores of position j for query heads h0 .. h0 + ng - 1: 8, 4, then 1 at a time."""
+def _scores(k_cache, slot, kvh, j, rows, q, t, h0, ng, D, sc, scale):  # pragma: no cover - inlined
+    """sc[j : j + rows, :ng] = the scores of positions j .. j + rows - 1 (rows: 1 or 2, a literal) for query heads
+    h0 .. h0 + ng - 1: 8, 4, then 1 at a time."""
     g = 0
     while ng - g >= 8:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 8, scale)
+        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 8, rows, scale)
         g += 8
     if ng - g >= 4:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 4, scale)
+        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 4, rows, scale)
         g += 4
     while g < ng:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 1, scale)
+        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 1, rows, scale)
         g += 1
 
 
@@ -110,8 +111,10 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         n, slot = positions[t] + 1, slots[t]
         tid = numba.get_thread_id()
         sc, norm = scores[tid], norms[tid]
-        for j in range(n):
-            _scores(k_cache, slot, kvh, j, q, t, h0, ng, D, sc, scale)
+        for j in range(0, n - 1, 2):  # two positions a call share the query loads
+            _scores(k_cache, slot, kvh, j, 2, q, t, h0, ng, D, sc, scale)
+        if n % 2:
+            _scores(k_cache, slot, kvh, n - 1, 1, q, t, h0, ng, D, sc, scale)
         softmax_exp(sc, n, norm)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):

@@ -97,46 +97,54 @@ def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
 
 
 @intrinsic
-def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale):
-    """sc[sidx + (0, g)] = scale * (cache row at cidx) . q[qidx + (0, g * D)] for g < width (1..8, a literal):
-    one cache position against `width` query heads of D values each (D: the cache's last axis)."""
+def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, rows, scale):
+    """sc[sidx + (r, g)] = scale * (cache row at cidx + r) . q[qidx + (0, g * D)] for g < width (1..8) and r < rows
+    (1 or 2; both literals): one or two cache positions against `width` query heads of D values each (D: the
+    cache's last axis). Two positions share each query vector's load; each position's sums are the same either
+    way."""
     n = _tile_width(width)
-    if not (n and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
+    m = rows.literal_value if isinstance(rows, types.IntegerLiteral) and rows.literal_value in (1, 2) else 0
+    if not (n and m and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v = args
+        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, _, scale_v = args
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], cache_v, -1)
-        row = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        first_row = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        krows = [builder.gep(first_row, [builder.mul(D, ir.Constant(intp, r))]) for r in range(m)]
         qp = builder.bitcast(_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
         heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
-        accs = {w: [cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F32, w), None)) for _ in range(n)]
-                for w in {LANES, _WIDE}}  # promoted to registers
+        accs = {w: [[cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F32, w), None)) for _ in range(n)]
+                    for _ in range(m)] for w in {LANES, _WIDE}}  # promoted to registers
 
         def chunk(start, w: int) -> None:  # noqa: ANN001
-            k = _load_row(builder, cache.dtype, row, start, w)
+            ks = [_load_row(builder, cache.dtype, row, start, w) for row in krows]
             for g in range(n):
                 qv = _load_row(builder, types.float32, heads[g], start, w)
-                builder.store(_fma(builder, k, qv, builder.load(accs[w][g])), accs[w][g])
+                for k, acc in zip(ks, accs[w], strict=True):
+                    builder.store(_fma(builder, k, qv, builder.load(acc[g])), acc[g])
 
         _head_chunks(builder, D, chunk)
-        totals = [builder.load(a) for a in accs[LANES]]
-        if _WIDE != LANES:
-            totals = [builder.fadd(t, _halves_added(builder, builder.load(a))) for t, a in zip(totals, accs[_WIDE],
-                                                                                              strict=True)]
-        sums = builder.fmul(_hsums(builder, totals),
-                            _splat(builder, context.cast(builder, scale_v, sig.args[7], types.float32), LANES))
-        out = _ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
-        if n == 1:
-            builder.store(builder.extract_element(sums, ir.Constant(_I32, 0)), out)
-        else:
-            first = ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)])
-            part = builder.shuffle_vector(sums, sums, first)
-            builder.store(part, builder.bitcast(out, part.type.as_pointer()), align=4)
+        scale = _splat(builder, context.cast(builder, scale_v, sig.args[8], types.float32), LANES)
+        stride = _len(context, builder, sig.args[4], sc_v, 1)
+        out0 = _ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
+        for r in range(m):
+            totals = [builder.load(a) for a in accs[LANES][r]]
+            if _WIDE != LANES:
+                totals = [builder.fadd(t, _halves_added(builder, builder.load(a)))
+                          for t, a in zip(totals, accs[_WIDE][r], strict=True)]
+            sums = builder.fmul(_hsums(builder, totals), scale)
+            out = builder.gep(out0, [builder.mul(stride, ir.Constant(intp, r))])
+            if n == 1:
+                builder.store(builder.extract_element(sums, ir.Constant(_I32, 0)), out)
+            else:
+                first = ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)])
+                part = builder.shuffle_vector(sums, sums, first)
+                builder.store(part, builder.bitcast(out, part.type.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, q, qidx, sc, sidx, width, scale), codegen
+    return types.void(cache, cidx, q, qidx, sc, sidx, width, rows, scale), codegen
 
 
 def _exp(builder, x):  # noqa: ANN001, ANN202
