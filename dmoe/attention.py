@@ -165,8 +165,9 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
                 for d in range(D):
                     qtt[d, u * ng + g] = q[t0 + u, (h0 + g) * D + d] * scale
         for j0 in range(0, n, TILE_ROWS):
-            widen_rows(k_cache, (slot, kvh, j0, 0), min(TILE_ROWS, n - j0), buf)
-            qk_tile(buf, min(TILE_ROWS, n - j0), qtt, sc, (j0, 0))
+            block = min(TILE_ROWS, n - j0)
+            widen_rows(k_cache, (slot, kvh, j0, 0), block, buf)
+            qk_tile(buf, block, qtt, sc, (j0, 0))
         for u in range(c - 1):  # token u sees positions up to first + u
             for j in range(first + u + 1, n):
                 for g in range(ng):
@@ -174,8 +175,9 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         softmax_exp(sc, n, norm)
         ac[:] = 0.0
         for j0 in range(0, n, TILE_ROWS):
-            widen_rows(v_cache, (slot, kvh, j0, 0), min(TILE_ROWS, n - j0), buf)
-            pv_tile(buf, min(TILE_ROWS, n - j0), sc, (j0, 0), ac)
+            block = min(TILE_ROWS, n - j0)
+            widen_rows(v_cache, (slot, kvh, j0, 0), block, buf)
+            pv_tile(buf, block, sc, (j0, 0), ac)
         for u in range(c):
             for g in range(ng):
                 col = u * ng + g

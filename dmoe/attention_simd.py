@@ -91,6 +91,11 @@ def _tile_width(width) -> int:  # noqa: ANN001 - a numba type
     return width.literal_value if isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= LANES else 0
 
 
+def _data(context, builder, aryty, ary):  # noqa: ANN001, ANN202
+    """An f32 array's first element's address."""
+    return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, _F32.as_pointer())
+
+
 def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
     arr = context.make_array(aryty)(context, builder, ary)
     return cgutils.unpack_tuple(builder, arr.shape)[axis]
@@ -187,8 +192,7 @@ def softmax_exp(typingctx, sc, n, norm):
         intp = context.get_value_type(types.intp)
         rows = context.cast(builder, n_v, sig.args[1], types.intp)
         width = _len(context, builder, sig.args[0], sc_v, 1)
-        base = builder.bitcast(context.make_array(sig.args[0])(context, builder, sc_v).data, _F32.as_pointer())
-        out = builder.bitcast(context.make_array(sig.args[2])(context, builder, norm_v).data, _F32.as_pointer())
+        base, out = _data(context, builder, sig.args[0], sc_v), _data(context, builder, sig.args[2], norm_v)
 
         def columns(col, lanes: int) -> None:  # noqa: ANN001 - sc[:, col : col + lanes]
             vty = ir.VectorType(_F32, lanes)
@@ -261,11 +265,6 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
         return context.get_dummy_value()
 
     return types.void(cache, cidx, n, sc, sidx, out, oidx, width), codegen
-
-
-def _data(context, builder, aryty, ary):  # noqa: ANN001, ANN202
-    """An f32 array's first element's address."""
-    return builder.bitcast(context.make_array(aryty)(context, builder, ary).data, _F32.as_pointer())
 
 
 def _lane_row(builder, base, row):  # noqa: ANN001, ANN202

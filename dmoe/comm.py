@@ -77,7 +77,6 @@ class _CompactPlan:
 
     def __init__(self, kind: str, size: int, n: int, me: int) -> None:
         blocks = size // BLOCK
-        self.kind = kind
         self.bounds = [k * blocks // n * BLOCK for k in range(n + 1)]
         self.sizes = [wire_bytes(kind, self.bounds[k + 1] - self.bounds[k]) for k in range(n)]
         self.offsets = [sum(self.sizes[:k]) for k in range(n)]
@@ -108,7 +107,7 @@ class MPIComm:
         self.seconds = 0.0
         self.bytes_sent = 0
         self.reduce_type = "f32"  # the all-reduces' wire form (wire.py); every rank must set the same
-        self._compact: dict[int, _CompactPlan] = {}  # per buffer size: the compact all-reduce's parts and buffers
+        self._compact: dict[tuple[str, int], _CompactPlan] = {}  # per wire type and buffer size
 
     def set_reduce_type(self, kind: str) -> None:
         self.reduce_type = check_type(kind)
@@ -128,11 +127,11 @@ class MPIComm:
         (its own copy in f32, the others' decoded) and encodes the sum; every rank decodes every part's sum,
         its own too, so all hold the same values. On the wire: 2 (N-1) / N of the buffer, compact."""
         kind, n, me = self.reduce_type, self.size, self.rank
-        plan = self._compact.get(flat.size)
-        if plan is None or plan.kind != kind:
+        plan = self._compact.get((kind, flat.size))
+        if plan is None:
             if len(self._compact) >= COMPACT_PLANS:  # prefill chunks come in many sizes: keep a few
                 self._compact.clear()
-            plan = self._compact[flat.size] = _CompactPlan(kind, flat.size, n, me)
+            plan = self._compact[kind, flat.size] = _CompactPlan(kind, flat.size, n, me)
         bounds, sizes, offsets, send = plan.bounds, plan.sizes, plan.offsets, plan.send
         for k in range(n):
             encode(kind, flat[bounds[k]:bounds[k + 1]], send[offsets[k]:offsets[k] + sizes[k]])
