@@ -7,8 +7,10 @@ experts a token uses are allocated per layer (the others would not be read).
 Prefill: the same work for T tokens (the output matrix for the last token only), measured on a few
 layers that each hold all 128 experts (a prompt of 64 tokens touches almost all of them), scaled to
 48 layers.
+Batch: the output matrix (Q4_0, and Q6_K as hub files and our converter store it) times B tokens, as a
+step of B decoding sequences runs it: GMAC/s.
 
-Run: python bench/bench_kernels.py [--layers 48] [--prefill-layers 4] [--threads 1 2] [--rounds 5]
+Run: python bench/bench_kernels.py [--layers 48] [--prefill-layers 4] [--batch 4 8] [--threads 1 2] [--rounds 5]
 
 Measured on the 2-core dev box (AMD EPYC, AVX2, 24 GB), which other users share: each figure is the
 range of the best-of-rounds results over several quiet minutes (llama.cpp: /work/shared/PEERS.md).
@@ -37,6 +39,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from dmoe.blocks import random_blocks
 from dmoe.kernels import ExpertWeights, Weight, moe_forward, pack_experts, pack_weight
 
 D, FF, N_EXP, K, VOCAB, LAYERS = 2048, 768, 128, 8, 151936, 48
@@ -161,6 +164,17 @@ def prefill_cases(rp: Repacker, n_layers: int, sizes: list[int]) -> dict[str, Ca
     return cases
 
 
+def batch_cases(rng: np.random.Generator, sizes: list[int]) -> dict[str, Callable[[], None]]:
+    """The output matrix times each batch size of tokens, in Q4_0 and Q6_K."""
+    cases = {}
+    for qtype in (QT.Q4_0, QT.Q6_K):
+        w = pack_weight([random_blocks(qtype, VOCAB, D, rng)], [qtype], D)
+        for n_tok in sizes:
+            x, out = rng.standard_normal((n_tok, D), dtype=np.float32), np.zeros((n_tok, VOCAB), np.float32)
+            cases[f"batch {qtype.name} B={n_tok}"] = lambda w=w, x=x, out=out: w.matmul(x, out)
+    return cases
+
+
 def launch_case() -> Callable[[], None]:
     """100 calls of a tiny matvec: Python dispatch plus a parallel launch, with next to no work."""
     w = Repacker(2).weight(32, 64)
@@ -173,6 +187,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LAYERS, help="decode layers allocated (work is always 48 layers)")
     ap.add_argument("--prefill-layers", type=int, default=4, help="layers with all 128 experts for prefill")
     ap.add_argument("--prefill", type=int, nargs="*", default=[64, 512], help="prompt lengths")
+    ap.add_argument("--batch", type=int, nargs="*", default=[4, 8], help="tokens a batched output-matrix product")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each case is kept")
     args = ap.parse_args()
@@ -186,6 +201,8 @@ def main() -> None:
     cases: dict[str, Callable[[], None]] = {"launch": launch, "decode": token}
     if args.prefill:
         cases |= prefill_cases(Repacker(1), args.prefill_layers, args.prefill)
+    if args.batch:
+        cases |= batch_cases(np.random.default_rng(3), args.batch)
     best = measure(cases, args.threads, args.rounds)
     print(f"threading layer {numba.threading_layer()}; decode reads {gb:.3f} GB per token")
     for (name, nt), s in best.items():
@@ -193,6 +210,9 @@ def main() -> None:
             print(f"{name:14s} threads={nt}: {s * 1e4:7.1f} us per call (tiny matvec)")
         elif name == "decode":
             print(f"{name:14s} threads={nt}: {s * 1e3:7.1f} ms/token  {gb / s:5.1f} GB/s  {1 / s:5.2f} tok/s")
+        elif name.startswith("batch"):
+            macs = int(name.split("=")[1]) * VOCAB * D
+            print(f"{name:14s} threads={nt}: {s * 1e3:7.2f} ms       {macs / s / 1e9:6.1f} GMAC/s")
         else:
             s *= LAYERS / args.prefill_layers
             print(f"{name:14s} threads={nt}: {s:7.2f} s          {int(name.split('=')[1]) / s:6.1f} tok/s")
