@@ -185,4 +185,4 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
                     out[t0 + u, (h0 + g) * D + d] = ac[d, col] * norm[col]
 
 
-drop_stale((attend, attend_tiles), [Path(__file__).parent / name for name in ("attention_simd.py", "kernels_simd.py")])
+drop_stale((attend, attend_tiles), [Path(__file__).parent / name for name in ("attention_simd.py", "kernels_ir.py")])

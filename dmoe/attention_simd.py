@@ -21,7 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels_simd import HOST_WIDE, _call, _index_ok, _ptr, _splat
+from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, splat
 
 __all__ = ["LANES", "TILE_LANES", "qk_scores", "softmax_exp", "pv_add", "widen_rows", "qk_tile", "pv_tile"]
 
@@ -53,7 +53,7 @@ def _load_row(builder, cache_dtype, ptr, start, width: int = LANES):  # noqa: AN
 
 def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
     """a * b + c, fused where the CPU can."""
-    return _call(builder, f"llvm.fmuladd.v{a.type.count}f32", a.type, a, b, c)
+    return llvm_call(builder, f"llvm.fmuladd.v{a.type.count}f32", a.type, a, b, c)
 
 
 def _halves_added(builder, v):  # noqa: ANN001, ANN202
@@ -109,16 +109,16 @@ def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, rows, scale):
     way."""
     n = _tile_width(width)
     m = rows.literal_value if isinstance(rows, types.IntegerLiteral) and rows.literal_value in (1, 2) else 0
-    if not (n and m and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(q, qidx) and _index_ok(sc, sidx)):
+    if not (n and m and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(q, qidx) and index_ok(sc, sidx)):
         return None
 
     def codegen(context, builder, sig, args):
         cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, _, scale_v = args
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], cache_v, -1)
-        first_row = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        first_row = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         krows = [builder.gep(first_row, [builder.mul(D, ir.Constant(intp, r))]) for r in range(m)]
-        qp = builder.bitcast(_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
+        qp = builder.bitcast(item_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
         heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
         accs = {w: [[cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F32, w), None)) for _ in range(n)]
                     for _ in range(m)] for w in {LANES, _WIDE}}  # promoted to registers
@@ -131,9 +131,9 @@ def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, rows, scale):
                     builder.store(_fma(builder, k, qv, builder.load(acc[g])), acc[g])
 
         _head_chunks(builder, D, chunk)
-        scale = _splat(builder, context.cast(builder, scale_v, sig.args[8], types.float32), LANES)
+        scale = splat(builder, context.cast(builder, scale_v, sig.args[8], types.float32), LANES)
         stride = _len(context, builder, sig.args[4], sc_v, 1)
-        out0 = _ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
+        out0 = item_ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
         for r in range(m):
             totals = [builder.load(a) for a in accs[LANES][r]]
             if _WIDE != LANES:
@@ -159,10 +159,10 @@ def _exp(builder, x):  # noqa: ANN001, ANN202
     n = x.type.count
 
     def c(v: float):  # noqa: ANN202
-        return _splat(builder, ir.Constant(_F32, v), n)
+        return splat(builder, ir.Constant(_F32, v), n)
 
-    x = _call(builder, f"llvm.maxnum.v{n}f32", x.type, x, c(-87.0))
-    k = _call(builder, f"llvm.rint.v{n}f32", x.type, builder.fmul(x, c(1.44269504088896341)))
+    x = llvm_call(builder, f"llvm.maxnum.v{n}f32", x.type, x, c(-87.0))
+    k = llvm_call(builder, f"llvm.rint.v{n}f32", x.type, builder.fmul(x, c(1.44269504088896341)))
     r = _fma(builder, k, c(-0.693359375), x)
     r = _fma(builder, k, c(2.12194440e-4), r)
     p = c(1.9875691500e-4)
@@ -170,8 +170,8 @@ def _exp(builder, x):  # noqa: ANN001, ANN202
         p = _fma(builder, p, r, c(coef))
     p = _fma(builder, p, builder.fmul(r, r), builder.fadd(r, c(1.0)))
     i32s = ir.VectorType(_I32, n)
-    two_k = builder.shl(builder.add(builder.fptosi(k, i32s), _splat(builder, ir.Constant(_I32, 127), n)),
-                        _splat(builder, ir.Constant(_I32, 23), n))
+    two_k = builder.shl(builder.add(builder.fptosi(k, i32s), splat(builder, ir.Constant(_I32, 127), n)),
+                        splat(builder, ir.Constant(_I32, 23), n))
     return builder.fmul(p, builder.bitcast(two_k, x.type))
 
 
@@ -200,17 +200,17 @@ def softmax_exp(typingctx, sc, n, norm):
             def at(j):  # noqa: ANN001, ANN202
                 return builder.bitcast(builder.gep(base, [builder.add(builder.mul(j, width), col)]), vty.as_pointer())
 
-            top = cgutils.alloca_once_value(builder, _splat(builder, ir.Constant(_F32, float("-inf")), lanes))
+            top = cgutils.alloca_once_value(builder, splat(builder, ir.Constant(_F32, float("-inf")), lanes))
             with cgutils.for_range(builder, rows) as loop:
                 v = builder.load(at(loop.index), align=4)
-                builder.store(_call(builder, f"llvm.maxnum.v{lanes}f32", vty, v, builder.load(top)), top)
+                builder.store(llvm_call(builder, f"llvm.maxnum.v{lanes}f32", vty, v, builder.load(top)), top)
             total = cgutils.alloca_once_value(builder, ir.Constant(vty, None))
             with cgutils.for_range(builder, rows) as loop:
                 p = at(loop.index)
                 e = _exp(builder, builder.fsub(builder.load(p, align=4), builder.load(top)))
                 builder.store(e, p, align=4)
                 builder.store(builder.fadd(builder.load(total), e), total)
-            inv = builder.fdiv(_splat(builder, ir.Constant(_F32, 1.0), lanes), builder.load(total))
+            inv = builder.fdiv(splat(builder, ir.Constant(_F32, 1.0), lanes), builder.load(total))
             builder.store(inv, builder.bitcast(builder.gep(out, [col]), vty.as_pointer()), align=4)
 
         wide = ir.Constant(intp, _WIDE)
@@ -231,7 +231,7 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
     (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
     registers across the positions, 8 or 16 values of D at a time."""
     w = _tile_width(width)
-    if not (w and _cache_ok(cache) and _index_ok(cache, cidx) and _index_ok(sc, sidx) and _index_ok(out, oidx)):
+    if not (w and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(sc, sidx) and index_ok(out, oidx)):
         return None
     if not isinstance(n, types.Integer):
         return None
@@ -242,9 +242,9 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
         D = _len(context, builder, sig.args[0], cache_v, -1)
         stride = _len(context, builder, sig.args[3], sc_v, 1)
         rows = context.cast(builder, n_v, sig.args[2], types.intp)
-        first = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
-        weights = _ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v)
-        op = builder.bitcast(_ptr(context, builder, sig.args[5], out_v, sig.args[6], oidx_v), _F32.as_pointer())
+        first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        weights = item_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v)
+        op = builder.bitcast(item_ptr(context, builder, sig.args[5], out_v, sig.args[6], oidx_v), _F32.as_pointer())
         heads = [builder.gep(op, [builder.mul(D, ir.Constant(intp, g))]) for g in range(w)]
 
         def chunk(start, width: int) -> None:  # noqa: ANN001
@@ -256,7 +256,7 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
                 v = _load_row(builder, cache.dtype, builder.gep(first, [builder.mul(j, D)]), start, width)
                 wj = builder.gep(weights, [builder.mul(j, stride)])
                 for g in range(w):
-                    p = _splat(builder, builder.load(builder.gep(wj, [ir.Constant(intp, g)])), width)
+                    p = splat(builder, builder.load(builder.gep(wj, [ir.Constant(intp, g)])), width)
                     builder.store(_fma(builder, p, v, builder.load(accs[g])), accs[g])
             for s, a in zip(spots, accs, strict=True):
                 builder.store(builder.load(a), s, align=4)
@@ -281,13 +281,13 @@ def _f32_2d(a) -> bool:  # noqa: ANN001 - a numba type
 def widen_rows(typingctx, cache, cidx, m, dst):
     """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]): a block of f16 rows widened once, so
     that the tile kernels can broadcast single values from it."""
-    if not (_cache_ok(cache) and _index_ok(cache, cidx) and isinstance(m, types.Integer) and _f32_2d(dst)):
+    if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(m, types.Integer) and _f32_2d(dst)):
         return None
 
     def codegen(context, builder, sig, args):
         cache_v, cidx_v, m_v, dst_v = args
         D = _len(context, builder, sig.args[0], cache_v, -1)
-        first = _ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         base = _data(context, builder, sig.args[3], dst_v)
         with cgutils.for_range(builder, context.cast(builder, m_v, sig.args[2], types.intp)) as loop:
             src, row = (builder.gep(p, [builder.mul(loop.index, D)]) for p in (first, base))
@@ -307,7 +307,7 @@ def qk_tile(typingctx, kf, m, qt, sc, sidx):
     """sc[sidx + (r, 0) : + TILE_LANES] = sum over d of qt[d] * kf[r, d], for r < m: m widened cache rows (kf [B, D])
     against a tile of query heads laid out by head dimension (qt [D, TILE_LANES]); sc [S, TILE_LANES]. Each lane
     vector of qt serves _TILE_ROWS rows: no horizontal sums, one broadcast per row and dimension."""
-    if not (_f32_2d(kf) and isinstance(m, types.Integer) and _f32_2d(qt) and _f32_2d(sc) and _index_ok(sc, sidx)):
+    if not (_f32_2d(kf) and isinstance(m, types.Integer) and _f32_2d(qt) and _f32_2d(sc) and index_ok(sc, sidx)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -315,7 +315,7 @@ def qk_tile(typingctx, kf, m, qt, sc, sidx):
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], kf_v, 1)
         kbase, qbase = _data(context, builder, sig.args[0], kf_v), _data(context, builder, sig.args[2], qt_v)
-        out = builder.bitcast(_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v), _F32.as_pointer())
+        out = builder.bitcast(item_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v), _F32.as_pointer())
         rows = context.cast(builder, m_v, sig.args[1], types.intp)
 
         def block(r0, n: int) -> None:  # noqa: ANN001 - rows r0 .. r0 + n - 1
@@ -324,7 +324,7 @@ def qk_tile(typingctx, kf, m, qt, sc, sidx):
             with cgutils.for_range(builder, D) as dim:
                 qv = builder.load(_lane_row(builder, qbase, dim.index), align=4)
                 for krow, acc in zip(krows, accs, strict=True):
-                    k = _splat(builder, builder.load(builder.gep(krow, [dim.index])), TILE_LANES)
+                    k = splat(builder, builder.load(builder.gep(krow, [dim.index])), TILE_LANES)
                     builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
             for i, acc in enumerate(accs):
                 at = _lane_row(builder, out, builder.add(r0, ir.Constant(intp, i)))
@@ -345,7 +345,7 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
     """acc[d] += sum over r < m of sc[sidx + (r, 0) : + TILE_LANES] * vf[r, d], for every d: m widened value rows
     (vf [B, D]) weighted into a tile's outputs laid out by head dimension (acc [D, TILE_LANES]), _TILE_DIMS
     dimensions' accumulators in registers across the rows."""
-    if not (_f32_2d(vf) and isinstance(m, types.Integer) and _f32_2d(sc) and _index_ok(sc, sidx) and _f32_2d(acc)):
+    if not (_f32_2d(vf) and isinstance(m, types.Integer) and _f32_2d(sc) and index_ok(sc, sidx) and _f32_2d(acc)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -353,7 +353,7 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], vf_v, 1)
         vbase, abase = _data(context, builder, sig.args[0], vf_v), _data(context, builder, sig.args[4], acc_v)
-        weights = builder.bitcast(_ptr(context, builder, sig.args[2], sc_v, sig.args[3], sidx_v), _F32.as_pointer())
+        weights = builder.bitcast(item_ptr(context, builder, sig.args[2], sc_v, sig.args[3], sidx_v), _F32.as_pointer())
         rows = context.cast(builder, m_v, sig.args[1], types.intp)
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), D, ir.Constant(intp, _TILE_DIMS)) as (d0, _):
             spots = [_lane_row(builder, abase, builder.add(d0, ir.Constant(intp, i))) for i in range(_TILE_DIMS)]
@@ -364,7 +364,7 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
                 vrow = builder.gep(vbase, [builder.add(builder.mul(r, D), d0)])
                 for i in range(_TILE_DIMS):
                     v = builder.load(builder.gep(vrow, [ir.Constant(intp, i)]))
-                    builder.store(_fma(builder, p, _splat(builder, v, TILE_LANES), builder.load(accs[i])), accs[i])
+                    builder.store(_fma(builder, p, splat(builder, v, TILE_LANES), builder.load(accs[i])), accs[i])
             for s, a in zip(spots, accs, strict=True):
                 builder.store(builder.load(a), s, align=4)
         return context.get_dummy_value()

@@ -45,7 +45,8 @@ from .kernels_formats import (
     repack_super,
     super_geometry,
 )
-from .kernels_simd import HOST_ISA, ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512, stack_array
+from .kernels_ir import HOST_ISA, ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512
+from .kernels_simd import stack_array
 
 __all__ = [
     "Weight",

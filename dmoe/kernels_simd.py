@@ -18,28 +18,26 @@ the host runs are emitted, so nothing x86-only reaches LLVM elsewhere; the tests
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-__all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "ISA_VNNI512", "HOST_ISA", "HOST_WIDE", "stack_array",
-           "quant_panel_dot", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
-           "float_rows_dot"]  # fmt: skip
+from .kernels_ir import (
+    HOST_LEVELS,
+    ISA_GENERIC,
+    ISA_VNNI,
+    ISA_VNNI512,
+    index_ok,
+    item_ptr,
+    item_ptr_at,
+    llvm_call,
+    splat,
+)
 
-ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512 = 0, 1, 2, 3
-_FEATURES = llvm.get_host_cpu_features()
-_HOST_AVX2 = bool(_FEATURES.get("avx2", False))
-_HOST_VNNI = _HOST_AVX2 and bool(_FEATURES.get("avxvnni") or
-                                 (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
-# 512-bit vectors only where LLVM's tuning for the CPU keeps them whole: for CPUs it tunes to prefer 256-bit
-# vectors (Intel's AVX-512 cores) it would split the 512-bit operations it can and fail on the intrinsics
-HOST_WIDE = bool(_FEATURES.get("avx512f")) and llvm.get_host_cpu_name() in ("znver4", "znver5")
-_HOST_VNNI512 = HOST_WIDE and _HOST_VNNI and bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
-_HOST_LEVELS = {ISA_VNNI512: _HOST_VNNI512, ISA_VNNI: _HOST_VNNI, ISA_AVX2: _HOST_AVX2}
-HOST_ISA = max([lv for lv, ok in _HOST_LEVELS.items() if ok], default=ISA_GENERIC)  # the fastest lowering here
+__all__ = ["stack_array", "quant_panel_dot", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
+           "float_rows_dot"]  # fmt: skip
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # Software prefetch distance of the weight stream: a single core keeps too few cache misses in
@@ -61,38 +59,10 @@ def _ahead(tokens: int) -> int:
 # IR helpers
 
 
-def _ptr(context, builder, aryty, ary, idxty, idx):  # noqa: ANN001, ANN202 - numba codegen values
-    """Address of ary[idx] (idx a tuple of integers; no bounds or wrap-around checks)."""
-    vals = cgutils.unpack_tuple(builder, idx)
-    return _ptr_at(
-        context,
-        builder,
-        aryty,
-        ary,
-        [context.cast(builder, v, t, types.intp) for v, t in zip(vals, idxty, strict=True)],
-    )
-
-
-def _ptr_at(context, builder, aryty, ary, inds):  # noqa: ANN001, ANN202
-    """Address of ary[inds] for a list of intp values."""
-    arr = context.make_array(aryty)(context, builder, ary)
-    return cgutils.get_item_pointer(context, builder, aryty, arr, inds, wraparound=False)
-
-
-def _index_ok(arr, idx) -> bool:  # noqa: ANN001
-    return isinstance(arr, types.Array) and isinstance(idx, types.BaseTuple) and len(idx) == arr.ndim
-
-
 def _load(builder, ptr, ty: ir.Type, offset: int = 0):  # noqa: ANN001, ANN202
     """Load a `ty` from byte offset `offset` of ptr (unaligned)."""
     p = builder.gep(builder.bitcast(ptr, _I8.as_pointer()), [ir.Constant(_I32, offset)])
     return builder.load(builder.bitcast(p, ty.as_pointer()), align=1)
-
-
-def _splat(builder, value, lanes: int):  # noqa: ANN001, ANN202
-    vty = ir.VectorType(value.type, lanes)
-    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), None))
 
 
 def _const_vec(elem: ir.IntType, value: int, lanes: int) -> ir.Constant:
@@ -102,7 +72,7 @@ def _const_vec(elem: ir.IntType, value: int, lanes: int) -> ir.Constant:
 def _broadcast(builder, ptr, offset: int, elem: ir.IntType):  # noqa: ANN001, ANN202
     """The `elem`-sized group of bytes at ptr + offset, repeated to fill 32 bytes."""
     return builder.bitcast(
-        _splat(builder, _load(builder, ptr, elem, offset), 256 // elem.width), ir.VectorType(_I8, 32)
+        splat(builder, _load(builder, ptr, elem, offset), 256 // elem.width), ir.VectorType(_I8, 32)
     )
 
 
@@ -132,22 +102,17 @@ def _prefetch(builder, ptr, ahead: int, span: int) -> None:  # noqa: ANN001
         )
 
 
-def _call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, list(args))
-
-
 def _maddubs(builder, u, s):  # noqa: ANN001, ANN202
     """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed), saturated: x86's
     vpmaddubsw (the kernels keep every pair sum within int16)."""
-    return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
+    return llvm_call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
 
 
 def _by_isa(context, builder, isa, emit, top: int = ISA_VNNI):  # noqa: ANN001, ANN202
     """emit(level) -> list of values, for each lowering up to `top` this host runs (level ISA_GENERIC = 0, falsy;
     ISA_AVX2, ISA_VNNI or ISA_VNNI512: emitters test `level` for any x86 path and `level == ISA_VNNI` for
     vpdpbusd), under a branch on the run-time isa: a kernel without a lowering for it takes the best below."""
-    levels = [lv for lv in sorted(_HOST_LEVELS, reverse=True) if lv <= top and _HOST_LEVELS[lv]]
+    levels = [lv for lv in sorted(HOST_LEVELS, reverse=True) if lv <= top and HOST_LEVELS[lv]]
     if not levels:
         return emit(ISA_GENERIC)
     return _branch(builder, isa, levels, emit)
@@ -208,13 +173,13 @@ def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
     4-byte dots into acc in one instruction, or vpmaddubsw + vpmaddwd against ones + vpaddd (AVX2) do
     (|w| <= 127: no pair saturates). Exact."""
     if level:
-        u, s = (w, x) if absw is None else (absw, _call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
+        u, s = (w, x) if absw is None else (absw, llvm_call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
         if level == ISA_VNNI:
             i32s = ir.VectorType(_I32, 8)
-            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
+            return llvm_call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
                          builder.bitcast(s, i32s))
         pairs = _maddubs(builder, u, s)
-        return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs,
+        return builder.add(acc, llvm_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs,
                                       _const_vec(_I16, 1, 16)))
     wide = ir.VectorType(_I32, 32)
     ws = builder.zext(w, wide) if absw is None else builder.sext(w, wide)
@@ -223,7 +188,7 @@ def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
 
 def _abs_if(builder, level: int, v):  # noqa: ANN001, ANN202
     """|v| for _quads' signed weights on AVX2 (computed once per weight vector, not per token)."""
-    return _call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if level else v
+    return llvm_call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if level else v
 
 
 def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
@@ -271,7 +236,7 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
     the rows' scales, once loaded, serve every token of the tile. Two panels go as one 512-bit vector where the
     host has them (ISA_VNNI512, Q4_0), else as two of 256 bits. One token (decode) reads one panel at a time:
     two panels' streams at once measured 38-40 GB/s against 47-48 for one (Zen 5, 2 threads, from RAM)."""
-    if not (_index_ok(w, widx) and w.dtype in _QUANT_EMITTERS and w.layout == "C"):
+    if not (index_ok(w, widx) and w.dtype in _QUANT_EMITTERS and w.layout == "C"):
         return None
     if not isinstance(xrows, types.UniTuple):
         return None
@@ -290,7 +255,7 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
         def const(v: int):  # noqa: ANN202
             return context.get_constant(intp, v)
 
-        first = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
+        first = builder.bitcast(item_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
         wary = context.make_array(sig.args[1])(context, builder, w_v)
         shape = cgutils.unpack_tuple(builder, wary.shape)
         n_blocks, record = shape[3], shape[4]
@@ -312,7 +277,7 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
             pays = [builder.gep(rec, [const(16)]) for rec in recs]
             for rec in recs:
                 _prefetch(builder, rec, _ahead(len(rows)), 16 + payload)
-            xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, const(0)]) for r in rows]
+            xptrs = [item_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, const(0)]) for r in rows]
             sums = _by_isa(context, builder, isa_v, lambda level: emit(level, pays, xptrs), top)
             halves = ir.VectorType(ir.HalfType(), 8)
             scales = [builder.fpext(_load(builder, rec, halves), ir.VectorType(ir.FloatType(), 8)) for rec in recs]
@@ -320,16 +285,16 @@ def quant_panel_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, acc, i0, p):
             for u, r in enumerate(rows):
                 isum = sums[u]
                 if offset:
-                    at = _ptr_at(context, builder, sig.args[5], xs_v, [r, blk, const(0)])
-                    isum = builder.sub(isum, _splat(builder, builder.sext(builder.load(at), _I32), L))
-                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), L)
-                total = _call(builder, f"llvm.fmuladd.v{L}f32", f32s, builder.sitofp(isum, f32s), builder.fmul(d, dx),
-                              builder.load(F[u]))
+                    at = item_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, const(0)])
+                    isum = builder.sub(isum, splat(builder, builder.sext(builder.load(at), _I32), L))
+                dx = splat(builder, builder.load(item_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), L)
+                total = llvm_call(builder, f"llvm.fmuladd.v{L}f32", f32s, builder.sitofp(isum, f32s),
+                                  builder.fmul(d, dx), builder.load(F[u]))
                 builder.store(total, F[u])
         col = builder.mul(context.cast(builder, p_v, sig.args[9], intp), const(8))
         first_row = context.cast(builder, i0_v, sig.args[8], intp)
         for u in range(len(rows)):
-            at = _ptr_at(context, builder, sig.args[7], acc_v, [builder.add(first_row, const(u)), col])
+            at = item_ptr_at(context, builder, sig.args[7], acc_v, [builder.add(first_row, const(u)), col])
             aptr = builder.bitcast(at, f32s.as_pointer())
             builder.store(builder.fadd(builder.load(aptr, align=1), builder.load(F[u])), aptr, align=1)
         return context.get_dummy_value()
@@ -344,7 +309,7 @@ def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p)
     blocks b of the tokens xrows, added into acc[i0 + u, 8p .. 8p + 7]:
         d * xd * (sc0 * isum0 + sc1 * isum1) - dmin * xd * (m0 * xsum0 + m1 * xsum1)
     with isum the exact int32 sums of q * x of each half and xsum the token's half sums (xs[t, b, 1:3])."""
-    if not (_index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
+    if not (index_ok(w, widx) and isinstance(xq, types.Array) and xq.ndim == 3 and xq.dtype == types.int8):
         return None
     if not (isinstance(xrows, types.UniTuple) and isinstance(acc, types.Array) and acc.ndim == 2):
         return None
@@ -352,11 +317,11 @@ def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p)
     def codegen(context, builder, sig, args):
         isa_v, w_v, widx_v, xq_v, xd_v, xs_v, xrows_v, b_v, acc_v, i0_v, p_v = args
         intp = types.intp
-        wptr = _ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v)
+        wptr = item_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v)
         blk = context.cast(builder, b_v, sig.args[7], intp)
         rows = [context.cast(builder, r, sig.args[6].dtype, intp) for r in cgutils.unpack_tuple(builder, xrows_v)]
         zero = context.get_constant(intp, 0)
-        xptrs = [_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, zero]) for r in rows]
+        xptrs = [item_ptr_at(context, builder, sig.args[3], xq_v, [r, blk, zero]) for r in rows]
         _prefetch(builder, wptr, _ahead(len(rows)), 320)
 
         def emit(level):
@@ -375,15 +340,15 @@ def decoded_block_dot(typingctx, isa, w, widx, xq, xd, xs, xrows, b, acc, i0, p)
         first = context.cast(builder, i0_v, sig.args[9], intp)
         for u, r in enumerate(rows):
             one, two = context.get_constant(intp, 1), context.get_constant(intp, 2)
-            h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, k])), _I32)
+            h0, h1 = (builder.sext(builder.load(item_ptr_at(context, builder, sig.args[5], xs_v, [r, blk, k])), _I32)
                       for k in (one, two))
-            dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 8)
+            dx = splat(builder, builder.load(item_ptr_at(context, builder, sig.args[4], xd_v, [r, blk])), 8)
             isum = builder.add(builder.mul(sc0, sums[u]), builder.mul(sc1, sums[n + u]))
-            xsum = builder.add(builder.mul(m0, _splat(builder, h0, 8)), builder.mul(m1, _splat(builder, h1, 8)))
+            xsum = builder.add(builder.mul(m0, splat(builder, h0, 8)), builder.mul(m1, splat(builder, h1, 8)))
             val = builder.fsub(builder.fmul(d, builder.sitofp(isum, f32s)),
                                builder.fmul(dmin, builder.sitofp(xsum, f32s)))
             row = builder.add(first, context.get_constant(intp, u))
-            aptr = builder.bitcast(_ptr_at(context, builder, sig.args[8], acc_v, [row, col]), f32s.as_pointer())
+            aptr = builder.bitcast(item_ptr_at(context, builder, sig.args[8], acc_v, [row, col]), f32s.as_pointer())
             builder.store(builder.fadd(builder.load(aptr, align=1), builder.fmul(val, dx)), aptr, align=1)
         return context.get_dummy_value()
 
@@ -420,7 +385,7 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
     """IQ4's grid values (signed bytes) of the nibbles in <32 x i8> idx."""
     table = ir.Constant(ir.VectorType(_I8, 32), [ir.Constant(_I8, v) for v in IQ4_GRID * 2])
     if level:
-        return _call(builder, "llvm.x86.avx2.pshuf.b", idx.type, table, idx)
+        return llvm_call(builder, "llvm.x86.avx2.pshuf.b", idx.type, table, idx)
     out = _const_vec(_I8, IQ4_GRID[0], 32)
     for k in range(1, 16):
         out = builder.select(builder.icmp_unsigned("==", idx, _const_vec(_I8, k, 32)), _const_vec(_I8, IQ4_GRID[k], 32),
@@ -474,9 +439,9 @@ def _half_sums_wide(builder, bits: int, pays, xptrs):  # noqa: ANN001, ANN202
     for v in range(4):
         for h, q in enumerate(_super_planes(builder, ISA_VNNI512, bits, False, pays, v, 64)):
             for u, xp in enumerate(xptrs):
-                x = _splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), 16)
+                x = splat(builder, _load(builder, xp, _I32, 16 * h + 4 * v), 16)
                 q32 = builder.bitcast(q, i32s)
-                sums[h][u] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, sums[h][u], q32, x)
+                sums[h][u] = llvm_call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, sums[h][u], q32, x)
     return sums
 
 
@@ -492,7 +457,7 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
     has them (ISA_VNNI512; not IQ4_XS, whose signed grid values need the sign trick), else as two of 256: the
     pairs serve tiles of several tokens; one token (decode) measured faster a record at a time (Zen 5, one
     thread: Q6_K 32.6 GB/s against 21-22 paired)."""
-    if not (_index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and w.layout == "C"):
+    if not (index_ok(w, widx) and str(w.dtype) in SUPER_FORMATS and w.layout == "C"):
         return None
     if not (isinstance(n_blocks, types.IntegerLiteral) and isinstance(xrows, types.UniTuple)):
         return None
@@ -510,7 +475,7 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
         def const(v: int):  # noqa: ANN202
             return context.get_constant(intp, v)
 
-        first = builder.bitcast(_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
+        first = builder.bitcast(item_ptr(context, builder, sig.args[1], w_v, sig.args[2], widx_v), _I8.as_pointer())
         shape = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, w_v).shape)
         panel_bytes = builder.mul(shape[3], builder.mul(shape[4], const(w.dtype.bitwidth // 8)))
         recs = (first, builder.gep(first, [panel_bytes]))[:n_panels]
@@ -549,7 +514,7 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
         G = [ir.Constant(f32s, None) for _ in rows]
         for j in range(n_blk):
             blk = builder.add(b0, const(j))
-            xptrs = [_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, const(0)]) for r in rows]
+            xptrs = [item_ptr_at(context, builder, sig.args[4], xq_v, [r, blk, const(0)]) for r in rows]
             sums = block_sums(j, xptrs)
             if per16:
                 sc0, sc1 = row_bytes(sc_at + 16 * j), row_bytes(sc_at + 16 * j + 8)
@@ -557,18 +522,18 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
                 sc0 = sc1 = row_bytes(sc_at + 8 * j)
             mins = row_bytes(m_at + 8 * j) if has_min else None
             for u, r in enumerate(rows):
-                h0, h1 = (builder.sext(builder.load(_ptr_at(context, builder, sig.args[6], xs_v, [r, blk, const(h)])),
-                                       _I32) for h in (1, 2))
+                h0, h1 = (builder.sext(builder.load(item_ptr_at(context, builder, sig.args[6], xs_v,
+                                                                [r, blk, const(h)])), _I32) for h in (1, 2))
                 s0, s1 = sums[u], sums[n + u]
                 if offset:
-                    s0 = builder.sub(s0, _splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), L))
-                    s1 = builder.sub(s1, _splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), L))
+                    s0 = builder.sub(s0, splat(builder, builder.mul(h0, ir.Constant(_I32, offset)), L))
+                    s1 = builder.sub(s1, splat(builder, builder.mul(h1, ir.Constant(_I32, offset)), L))
                 isum = builder.add(builder.mul(sc0, s0), builder.mul(sc1, s1)) if per16 else builder.mul(
                     sc0, builder.add(s0, s1))
-                dx = _splat(builder, builder.load(_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), L)
+                dx = splat(builder, builder.load(item_ptr_at(context, builder, sig.args[5], xd_v, [r, blk])), L)
                 F[u] = builder.fadd(F[u], builder.fmul(dx, builder.sitofp(isum, f32s)))
                 if has_min:
-                    xsum = builder.mul(mins, _splat(builder, builder.add(h0, h1), L))
+                    xsum = builder.mul(mins, splat(builder, builder.add(h0, h1), L))
                     G[u] = builder.fadd(G[u], builder.fmul(dx, builder.sitofp(xsum, f32s)))
         d = halves_f32(0)
         dmin = halves_f32(dmin_at) if has_min else None
@@ -578,7 +543,7 @@ def super_block_dot(typingctx, isa, w, widx, n_blocks, xq, xd, xs, xrows, b, acc
             val = builder.fmul(d, F[u])
             if has_min:
                 val = builder.fsub(val, builder.fmul(dmin, G[u]))
-            at = _ptr_at(context, builder, sig.args[9], acc_v, [builder.add(top_row, const(u)), col])
+            at = item_ptr_at(context, builder, sig.args[9], acc_v, [builder.add(top_row, const(u)), col])
             aptr = builder.bitcast(at, f32s.as_pointer())
             builder.store(builder.fadd(builder.load(aptr, align=1), val), aptr, align=1)
         return context.get_dummy_value()
@@ -592,7 +557,7 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
     [..., cols, L] (L = lanes, a literal: the rows, as vector lanes): f32, f16 bits (uint16) or bf16
     bits (int16) weights, converted to f32 in registers, where the L running sums also stay across
     the columns; c runs over w's second-to-last axis from widx. Portable IR."""
-    if not (_index_ok(w, widx) and _index_ok(x, xidx) and _index_ok(acc, aidx)):
+    if not (index_ok(w, widx) and index_ok(x, xidx) and index_ok(acc, aidx)):
         return None
     if (
         x.dtype != types.float32
@@ -606,11 +571,11 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
     def codegen(context, builder, sig, args):
         w_v, widx_v, x_v, xidx_v, acc_v, aidx_v, _ = args
         f32s = ir.VectorType(ir.FloatType(), n)
-        wptr = _ptr(context, builder, sig.args[0], w_v, sig.args[1], widx_v)
+        wptr = item_ptr(context, builder, sig.args[0], w_v, sig.args[1], widx_v)
         xptr = builder.bitcast(
-            _ptr(context, builder, sig.args[2], x_v, sig.args[3], xidx_v), ir.FloatType().as_pointer()
+            item_ptr(context, builder, sig.args[2], x_v, sig.args[3], xidx_v), ir.FloatType().as_pointer()
         )
-        aptr = builder.bitcast(_ptr(context, builder, sig.args[4], acc_v, sig.args[5], aidx_v), f32s.as_pointer())
+        aptr = builder.bitcast(item_ptr(context, builder, sig.args[4], acc_v, sig.args[5], aidx_v), f32s.as_pointer())
         n_cols = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, w_v).shape)[-2]
         first = context.cast(builder, cgutils.unpack_tuple(builder, widx_v)[-2], sig.args[1][-2], types.intp)
         elem = context.get_value_type(w.dtype)
@@ -625,7 +590,7 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
                 vals = builder.bitcast(builder.shl(wide, _const_vec(_I32, 16, n)), f32s)
             else:
                 vals = raw
-            xv = _splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)
+            xv = splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)
             builder.store(builder.fadd(builder.load(total), builder.fmul(vals, xv)), total)
         builder.store(builder.fadd(builder.load(aptr, align=1), builder.load(total)), aptr, align=1)
         return context.get_dummy_value()

@@ -22,7 +22,7 @@ from gguf.quants import dequantize, quantize
 import dmoe.kernels as kernels
 from dmoe.blocks import DECODED, random_blocks
 from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512, RowStack, moe_forward, pack_experts, pack_weight
-from dmoe.kernels_simd import HOST_ISA
+from dmoe.kernels_ir import HOST_ISA
 
 DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
 SUPER_BLOCK_TYPES = {QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS}  # those with a compact layout of their own
