@@ -21,7 +21,17 @@ from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
 from dmoe.blocks import DECODED, random_blocks
-from dmoe.kernels import ISA_AVX2, ISA_GENERIC, ISA_VNNI, ISA_VNNI512, RowStack, moe_forward, pack_experts, pack_weight
+from dmoe.kernels import (
+    ISA_AVX2,
+    ISA_GENERIC,
+    ISA_VNNI,
+    ISA_VNNI512,
+    RowStack,
+    Weight,
+    moe_forward,
+    pack_experts,
+    pack_weight,
+)
 from dmoe.kernels_ir import HOST_ISA
 
 DECODED_TYPES = [t for t in DECODED if t not in (QT.Q4_0, QT.Q8_0)]  # the decoded and super-block layouts' types
@@ -82,7 +92,17 @@ def check_matmul(out: np.ndarray, w: np.ndarray, x: np.ndarray, qtype: QT) -> No
         assert np.all(np.abs(out - exact) <= noise + q8_bound(w, x))
 
 
-@pytest.mark.parametrize(("rows", "cols", "n_tok"), [(1, 32, 1), (37, 96, 1), (130, 320, 3), (70, 64, 40)])
+def check_rows_alone(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
+    """Each row of a product of several tokens is what that token gets alone, to the bit: whole tiles, a last
+    2-3 tokens padded to a tile, and single tokens all sum alike (the server's batch invariance rests on it)."""
+    vec = np.full(out.shape[1], np.nan, np.float32)
+    for t in range(len(x)):
+        w.matvec(x[t], vec)
+        np.testing.assert_array_equal(vec, out[t])
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_tok"),
+                         [(1, 32, 1), (37, 96, 1), (130, 320, 3), (70, 64, 40), (45, 128, 6), (33, 64, 62)])
 def test_matmul(qtype: QT, rows: int, cols: int, n_tok: int) -> None:
     rng = np.random.default_rng(rows * cols + n_tok)
     raw = make_raw(rng.standard_normal((rows, cols)), qtype)
@@ -92,9 +112,7 @@ def test_matmul(qtype: QT, rows: int, cols: int, n_tok: int) -> None:
     out = np.full((n_tok, rows), np.nan, np.float32)
     w.matmul(x, out)
     check_matmul(out, twin(raw, qtype), x, qtype)
-    vec = np.full(rows, np.nan, np.float32)
-    w.matvec(x[0], vec)
-    np.testing.assert_array_equal(vec, out[0])
+    check_rows_alone(w, x, out)
 
 
 def test_pack_weight_from_sliced_views(qtype: QT) -> None:
@@ -223,7 +241,7 @@ def decoded_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
 
 
 @pytest.mark.parametrize(("col0", "cols", "n_tok"),
-                         [(0, 512, 1), (0, 512, 6), (64, 256, 3), (480, 32, 1), (128, 384, 5)])
+                         [(0, 512, 1), (0, 512, 6), (64, 256, 3), (480, 32, 1), (128, 384, 5), (0, 256, 7)])
 def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> None:
     """Random blocks (every payload bit pattern, and the scales and mins of the format), taken from any
     32-aligned column inside a 256-weight super-block, as a rank's slice of ffn_down is."""
@@ -235,6 +253,7 @@ def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> N
     out = np.full((n_tok, 45), np.nan, np.float32)
     w.matmul(x, out)
     check_matmul(out, twin(raw, decoded_type)[:, col0:col0 + cols], x, decoded_type)
+    check_rows_alone(w, x, out)
 
 
 def test_mixed_types_share_the_decoded_layout() -> None:
