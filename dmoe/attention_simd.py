@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, splat
 
-__all__ = ["LANES", "TILE_LANES", "qk_scores", "softmax_exp", "pv_add", "widen_rows", "qk_tile", "pv_tile"]
+__all__ = ["LANES", "TILE_LANES", "half_bits", "qk_scores", "softmax_exp", "pv_add", "widen_rows", "qk_tile", "pv_tile"]
 
 LANES = 8  # f32 lanes of a vector of query heads' scores; the head dimension (a multiple of 8) goes 8 at a time,
 _WIDE = 16 if HOST_WIDE else LANES  # or 16 where 512-bit vectors run whole (then an 8-value tail where D % 16)
@@ -99,6 +99,19 @@ def _data(context, builder, aryty, ary):  # noqa: ANN001, ANN202
 def _len(context, builder, aryty, ary, axis: int):  # noqa: ANN001, ANN202
     arr = context.make_array(aryty)(context, builder, ary)
     return cgutils.unpack_tuple(builder, arr.shape)[axis]
+
+
+@intrinsic
+def half_bits(typingctx, x):
+    """The f16 nearest an f32 (ties to even, as numpy's cast rounds), as its bit pattern: numba has no float16,
+    and LLVM's `fptrunc` is one `vcvtps2ph` where the CPU has F16C."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(x), codegen
 
 
 @intrinsic

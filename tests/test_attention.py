@@ -57,6 +57,29 @@ def test_attend_matches_reference(D: int, heads: list[tuple[int, int]], T: int, 
     assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("kv_type", [np.uint16, np.float32])
+def test_store_kv_writes_each_token_at_its_slot_and_position(kv_type: type) -> None:
+    """numpy's cast is the reference for the f16 cache: nearest, ties to even, overflow to inf, subnormals kept;
+    v is a column slice of the fused q/k/v output, as the model passes it."""
+    rng = np.random.default_rng(7)
+    T, n_kv, D, depth = 5, 4, 128, 64
+    magnitudes = np.array([1e-8, 1e-5, 1.0, 1e3, 1e5])[rng.integers(0, 5, (T, n_kv * D))]
+    k = (rng.standard_normal((T, n_kv * D)) * magnitudes).astype(np.float32)
+    k[0, :4] = [65504.0, 65520.0, 2.0 ** -25, 1 + 2.0 ** -11]  # largest f16, rounds to inf, to 0, a tie to even
+    v = rng.standard_normal((T, 3 * n_kv * D)).astype(np.float32)[:, 2 * n_kv * D:]
+    caches = [np.zeros((3, n_kv, depth, D), kv_type) for _ in range(2)]
+    slots, positions = np.array([0, 2, 1, 0, 2]), np.array([3, 7, 0, 4, 63])
+    attention.store_kv(k, v, *caches, slots, positions)
+    for src, cache in zip((k, v), caches, strict=True):
+        want = src.reshape(T, n_kv, D)
+        if kv_type == np.uint16:
+            with np.errstate(over="ignore"):
+                want = want.astype(np.float16).view(np.uint16)
+        for t in range(T):
+            np.testing.assert_array_equal(cache[slots[t], :, positions[t]], want[t])
+        assert np.count_nonzero(cache) == np.count_nonzero(want)
+
+
 def test_softmax_takes_extreme_scores() -> None:
     """Scores 200 apart (exp underflows for the small ones) and equal scores give the exact softmax."""
     D, n = 8, 5
