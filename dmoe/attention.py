@@ -66,7 +66,8 @@ def _cached_impl(x, cache):
 def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
              positions: np.ndarray) -> None:
     """Write the step's K, V [T, Hkv*D] into the caches [P, Hkv, S, D]: token t at slot slots[t], position
-    positions[t]. (numpy's fancy-indexed assignment of the same took ~25 us a layer for one token.)"""
+    positions[t] (no bounds checks, as in attend: the engine checks both). numpy's fancy-indexed assignment of
+    the same took 20-21 us a layer for one token, this 4-10."""
     _, n_kv, _, D = k_cache.shape
     for t in range(k.shape[0]):
         s, p = slots[t], positions[t]

@@ -1,5 +1,6 @@
 """Attention's inner loops as LLVM IR through numba intrinsics: query-key scores (`qk_scores`), the softmax's
-exponentials (`softmax_exp`) and the probability-weighted sum of values (`pv_add`).
+exponentials (`softmax_exp`) and the probability-weighted sum of values (`pv_add`); the tiles' (`widen_rows`,
+`qk_tile`, `pv_tile`); and the f16 rounding of the values the cache stores (`half_bits`).
 
 Why by hand: numba vectorises a dot product along the head dimension, which leaves one horizontal sum per
 (position, head), widens f16 rows through scalar code (it has no float16), and keeps the output row in

@@ -62,7 +62,8 @@ __all__ = [
     "ISA_VNNI512",
 ]
 
-TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens
+TT = 32  # tokens per tile in matrix x matrix work: a block of weights in L1 serves this many tokens (a multiple of
+# kernels_formats.TOKENS: a group's last micro-kernel tile, padded, then fits in the [TT, R] accumulator)
 _ACC = TT * R  # elements of a [TT, R] f32 accumulator tile
 
 _QUANT = {name: (np.dtype(dtype), *geometry) for dtype, (name, *geometry) in QUANT_LAYOUT.items()}

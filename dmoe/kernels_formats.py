@@ -254,19 +254,19 @@ def _prepare_impl(w, act, row, c0, c1):
 
 # ---------------------------------------------------------------------------------------------
 # Group kernels: acc[i, r] += W[e, g*R + r, :] . x[toks[i], :] for i < ntok, r < R.
-# Tokens go TOKENS at a time (then one by one) through the micro-kernel, so that each weight
-# vector, once loaded and unpacked, serves several tokens (prefill); with one token it is decode.
+# Tokens go TOKENS at a time (a last 2-3 padded to a tile, then one by one) through the micro-kernel, so that
+# each weight vector, once loaded and unpacked, serves several tokens (prefill); with one token it is decode.
 
 
 @njit(inline="always")
 def _tile_rows(ntok, acc):
     """How many of acc's rows the tiles cover: every whole tile of TOKENS, and a last 2 or 3 tokens as one more
-    tile whose spare rows (zeroed here, never read by the callers) repeat the last token, where acc has the
-    rows. One padded tile unpacks the weights once where 2-3 single tokens unpacked them once each: the weight
-    work of a 64-token prompt (experts of ~4 tokens) 55.5 -> 62-64 tok/s on one Zen 5 thread. Each real row's
-    sums are the same as a single token's."""
+    tile whose spare rows repeat the last token (acc's rows are a multiple of TOKENS, kernels.TT, so they
+    exist; the callers never read them; zeroed, as stack scratch might hold denormals that slow the adds). One
+    padded tile unpacks the weights once where 2-3 single tokens unpacked them once each. Each real row's sums
+    are the same as a single token's."""
     tiled = ntok - ntok % TOKENS
-    if ntok - tiled >= 2 and tiled + TOKENS <= acc.shape[0]:
+    if ntok - tiled >= 2:
         tiled += TOKENS
         acc[ntok:tiled] = 0
     return tiled

@@ -1,5 +1,6 @@
-"""What the host CPU runs and the LLVM IR building blocks that the weight kernels' and attention's numba
-intrinsics share (addresses of array elements, vector splats, calls of LLVM intrinsics)."""
+"""What the weight kernels' and attention's numba intrinsics share: which lowerings the host CPU runs (they emit
+IR for those only) and the IR building blocks they all use (addresses of array elements, vector splats, calls
+of LLVM intrinsics)."""
 
 from __future__ import annotations
 
@@ -45,15 +46,18 @@ def item_ptr_at(context, builder, aryty, ary, inds):  # noqa: ANN001, ANN202
 
 
 def index_ok(arr, idx) -> bool:  # noqa: ANN001
+    """Whether idx (a numba type) is a tuple indexing one element of the array type arr."""
     return isinstance(arr, types.Array) and isinstance(idx, types.BaseTuple) and len(idx) == arr.ndim
 
 
 def splat(builder, value, lanes: int):  # noqa: ANN001, ANN202
+    """A vector of `lanes` copies of value."""
     vty = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), None))
 
 
 def llvm_call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202
+    """A call of the LLVM intrinsic (or C function) `name` returning `ret`, declared on first use."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, list(args))

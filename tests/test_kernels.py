@@ -102,7 +102,8 @@ def check_rows_alone(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(("rows", "cols", "n_tok"),
-                         [(1, 32, 1), (37, 96, 1), (130, 320, 3), (70, 64, 40), (45, 128, 6), (33, 64, 62)])
+                         [(1, 32, 1), (37, 96, 1), (130, 320, 3), (70, 64, 40), (45, 128, 6), (33, 64, 62),
+                          (29, 96, 5)])
 def test_matmul(qtype: QT, rows: int, cols: int, n_tok: int) -> None:
     rng = np.random.default_rng(rows * cols + n_tok)
     raw = make_raw(rng.standard_normal((rows, cols)), qtype)
