@@ -177,10 +177,10 @@ def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
         if level == ISA_VNNI:
             i32s = ir.VectorType(_I32, 8)
             return llvm_call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
-                         builder.bitcast(s, i32s))
+                             builder.bitcast(s, i32s))
         pairs = _maddubs(builder, u, s)
         return builder.add(acc, llvm_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs,
-                                      _const_vec(_I16, 1, 16)))
+                                          _const_vec(_I16, 1, 16)))
     wide = ir.VectorType(_I32, 32)
     ws = builder.zext(w, wide) if absw is None else builder.sext(w, wide)
     return builder.add(acc, _pairwise_add(builder, _pairwise_add(builder, builder.mul(ws, builder.sext(x, wide)))))
