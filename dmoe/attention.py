@@ -25,10 +25,21 @@ import numba
 import numpy as np
 from numba.extending import overload
 
-from .attention_simd import TILE_LANES, half_bits, pv_add, pv_tile, qk_scores, qk_tile, softmax_exp, widen_rows
+from .attention_simd import (
+    TILE_LANES,
+    half_bits,
+    prefetch,
+    pv_add,
+    pv_tile,
+    qk_scores,
+    qk_tile,
+    softmax_exp,
+    widen_rows,
+)
 from .jitcache import drop_stale
 
 _BLOCK = 64  # cache positions per pass of the value sum: 64 f16 rows of 128 values are 16 KB, in L1
+_AHEAD = 16  # decode prefetches the K rows this many positions ahead, and the next block of V rows
 TILE_ROWS = 32  # cache rows a tile widens at a time: 32 f32 rows of 128 values (16 KB) beside its queries (16 KB)
 
 
@@ -128,12 +139,16 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         tid = numba.get_thread_id()
         sc, norm = scores[tid], norms[tid]
         for j in range(0, n - 1, 2):  # two positions a call share the query loads
+            if j + _AHEAD + 2 < n:
+                prefetch(k_cache, (slot, kvh, j + _AHEAD, 0), 2 * D)
             _scores(k_cache, slot, kvh, j, 2, q, t, h0, ng, D, sc, scale)
         if n % 2:
             _scores(k_cache, slot, kvh, n - 1, 1, q, t, h0, ng, D, sc, scale)
         softmax_exp(sc, n, norm)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):
+            if j0 + 2 * _BLOCK <= n:
+                prefetch(v_cache, (slot, kvh, j0 + _BLOCK, 0), _BLOCK * D)
             _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D)
         for g in range(ng):
             out[t, (h0 + g) * D:(h0 + g + 1) * D] *= norm[g]
