@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 import dmoe.kernels as kernels
-from dmoe.blocks import DECODED, random_blocks
+from dmoe.blocks import BLOCK_BYTES, DECODED, HALF_FIELDS, random_blocks
 from dmoe.kernels import (
     ISA_AVX2,
     ISA_GENERIC,
@@ -255,6 +255,30 @@ def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> N
     w.matmul(x, out)
     check_matmul(out, twin(raw, decoded_type)[:, col0:col0 + cols], x, decoded_type)
     check_rows_alone(w, x, out)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, *DECODED_TYPES], ids=lambda q: q.name)
+def test_integer_sums_at_their_extremes(qtype: QT, isa: int) -> None:
+    """Every payload bit set (each weight at its format's largest integer, whatever its scales) against
+    activations at +127 or -127 in every lane: the largest sums the integer kernels form. The AVX2 lowering adds
+    vpmaddubsw's int16 pair sums of several vectors before widening them; an overflow there shows here."""
+    raw = random_blocks(qtype, 16, 256, np.random.default_rng(7))
+    blocks = raw.reshape(16, -1, BLOCK_BYTES[qtype])
+    payload = np.ones(BLOCK_BYTES[qtype], bool)
+    for o in HALF_FIELDS[qtype]:
+        payload[o:o + 2] = False
+    blocks[:, :, payload] = 0xFF
+    x = np.ones((6, 256), np.float32)
+    x[1::2] = -1.0  # tiles of 4 tokens and single tokens, each lane's product of either sign
+    kernels.set_isa(isa)
+    try:
+        w = pack_weight([raw], [qtype], 256)
+        out = np.full((6, 16), np.nan, np.float32)
+        w.matmul(x, out)
+    finally:
+        kernels.set_isa(HOST_ISA)
+    check_matmul(out, twin(raw, qtype), x, qtype)
 
 
 def test_mixed_types_share_the_decoded_layout() -> None:
