@@ -49,14 +49,20 @@ class Hosts:
         except subprocess.CalledProcessError as e:
             self.__exit__()
             raise OSError(f"cannot create network namespaces here: {e.stderr.strip()}") from None
-        # a host running Docker drops forwarded packets (iptables FORWARD policy DROP): let the bridge's through
-        subprocess.run(["iptables", "-I", "FORWARD", "-i", f"{tag}br", "-o", f"{tag}br", "-j", "ACCEPT"],
-                       capture_output=True)
+        self._forward("-I")
         fd, self.launcher = tempfile.mkstemp(suffix="-nsexec.sh")
         with os.fdopen(fd, "w") as f:
             f.write(LAUNCHER.format(tag=tag))
         os.chmod(self.launcher, 0o755)
         return self
+
+    def _forward(self, action: str) -> None:
+        """Insert (-I) or delete (-D) the rule that lets the bridge's packets through a host running Docker (its
+        iptables FORWARD policy drops them); a host without iptables has no such policy."""
+        if shutil.which("iptables"):
+            bridge = f"{self.tag}br"
+            rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+            subprocess.run(["iptables", action, *rule], capture_output=True)
 
     def limit(self, rate: str | None) -> None:
         """Every host's outgoing traffic at `rate` (tc's units: 1gbit, 100mbit), or unlimited (None)."""
@@ -85,8 +91,7 @@ class Hosts:
         for i in range(1, self.n + 1):
             subprocess.run(["ip", "netns", "del", f"{self.tag}n{i}"], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
-        subprocess.run(["iptables", "-D", "FORWARD", "-i", f"{self.tag}br", "-o", f"{self.tag}br", "-j", "ACCEPT"],
-                       capture_output=True)
+        self._forward("-D")
         if self.launcher:
             os.unlink(self.launcher)
             self.launcher = ""
