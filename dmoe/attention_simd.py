@@ -2,13 +2,13 @@
 exponentials (`softmax_exp`) and the probability-weighted sum of values (`pv_add`); the tiles' (`widen_rows`,
 `qk_tile`, `pv_tile`); and the f16 rounding of the values the cache stores (`half_bits`).
 
-Why by hand: numba vectorises a dot product along the head dimension, which leaves one horizontal sum per
-(position, head), widens f16 rows through scalar code (it has no float16), and keeps the output row in
-memory across positions; and without SVML its exp is a scalar libm call. Here an f16 cache row is widened
-by `fpext` (one `vcvtph2ps` per 8 or 16 values where the CPU has F16C; 16-value vectors where 512-bit ones run
-whole, AMD's Zen 4/5: 0.83-0.93 -> 0.59 ms a layer at 4K on one Zen 5 thread), the query heads that share a KV head are
-register tiles (up to 8 accumulators), horizontal sums are done 8 at a time by a transposing shuffle tree,
-and exp is a vectorised polynomial. Portable IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
+Why by hand: numba vectorises a dot product along the head dimension, which leaves one horizontal sum per (position,
+head), widens f16 rows through scalar code (it has no float16), and keeps the output row in memory across positions;
+and without SVML its exp is a scalar libm call. Here an f16 cache row is widened by `fpext` (one `vcvtph2ps` per 8
+or 16 values where the CPU has F16C; 16-value vectors where 512-bit ones run whole (kernels_ir.HOST_WIDE): 0.83-0.93
+-> 0.59 ms a layer at 4K on one Zen 5 thread), the query heads that share a KV head are register tiles (up to 8
+accumulators), horizontal sums are done 8 at a time by a transposing shuffle tree, and exp is a vectorised
+polynomial. Portable IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
 
 The scores scratch is position-major, [S, Gp] (Gp: the query heads of a group rounded up to 8), so that one
 position's scores for 8 heads are one vector: the softmax runs down the positions with vertical maxima and
@@ -387,12 +387,11 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
     return types.void(vf, m, sc, sidx, acc), codegen
 
 
-
 @intrinsic
 def prefetch(typingctx, ary, idx, n):
     """Hint the cache lines of n elements from ary[idx] on in for reading (a hint: it never faults). Decode
     reads each layer's cache from RAM once; the hardware prefetcher alone left the loads waiting (full-size
-    model, 4,096 positions: 7.3-8.4 -> 8.9-9.1 tok/s on an Emerald Rapids box, 2 threads)."""
+    model, 4,096 positions: 7.3-8.4 -> 8.8-9.1 tok/s on an Emerald Rapids box, 2 threads)."""
     if not (index_ok(ary, idx) and isinstance(n, types.Integer)):
         return None
 

@@ -105,10 +105,10 @@ if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & os.environ.
 
 
 def set_isa(isa: int) -> None:
-    """Choose the quantised micro-kernels' lowering: ISA_VNNI512 (the default on AMD's AVX-512 cores: Q4_0 in
-    512-bit vectors), ISA_VNNI (where the CPU has AVX-VNNI or AVX512-VNNI), ISA_AVX2 (AVX2 only) or
-    ISA_GENERIC (portable LLVM IR, the default elsewhere); any lowering up to the host's is selectable, for
-    testing."""
+    """Choose the quantised micro-kernels' lowering: ISA_VNNI512 (the default on AMD's Zen 4/5 and Intel's Sapphire,
+    Emerald and Granite Rapids: Q4_0 and the K-quants in 512-bit vectors), ISA_VNNI (where the CPU has AVX-VNNI or
+    AVX512-VNNI), ISA_AVX2 (AVX2 only) or ISA_GENERIC (portable LLVM IR, the default elsewhere); any lowering up to
+    the host's is selectable, for testing."""
     global _isa
     if isa not in (ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512) or isa > HOST_ISA:
         raise ValueError(f"isa {isa} is not available on this CPU")

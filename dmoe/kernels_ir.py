@@ -18,8 +18,8 @@ _HOST_AVX2 = bool(_FEATURES.get("avx2", False))
 _HOST_VNNI = _HOST_AVX2 and bool(_FEATURES.get("avxvnni") or
                                  (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
 # 512-bit vectors on the AVX-512 cores where they were measured to pay: AMD's Zen 4/5 and Intel's Sapphire, Emerald and
-# Granite Rapids (an Emerald Rapids box, 2 threads: a 512-token prompt 51 -> 64 tok/s on the full-size model). Older
-# Intel cores (Skylake-X, Cascade Lake) lower their clock for 512-bit work and keep 256-bit vectors.
+# Granite Rapids (an Emerald Rapids box, 2 threads: a 512-token prompt 51 -> 64 tok/s on the full-size model). The
+# others keep 256-bit vectors: Skylake-X and Cascade Lake lower their clock for 512-bit work, the rest are untested.
 _WIDE_CPUS = ("znver4", "znver5", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d")
 HOST_WIDE = bool(_FEATURES.get("avx512f")) and llvm.get_host_cpu_name() in _WIDE_CPUS
 _HOST_VNNI512 = HOST_WIDE and _HOST_VNNI and bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))

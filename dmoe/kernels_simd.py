@@ -8,7 +8,7 @@ horizontal sum per block), spills the accumulators, or (f32) does not vectorise 
 slower. Here every vector lane is one weight row of the interleaved layouts (kernels_formats.py).
 
 Everything is target-independent LLVM IR (LLVM lowers it to AVX2, SSE, NEON or scalars) except in
-the micro-kernels, which have up to three lowerings chosen by their run-time `isa` argument: ISA_AVX2
+the micro-kernels, which have up to four lowerings chosen by their run-time `isa` argument: ISA_AVX2
 uses x86's `vpmaddubsw` + `vpmaddwd` (32 unsigned x signed byte products summed in pairs, then in
 fours; there is no generic IR that LLVM turns into them), ISA_VNNI `vpdpbusd` (4-byte dots added into
 int32 lanes in one instruction, AVX-VNNI or AVX512-VNNI), and ISA_GENERIC is the equivalent portable

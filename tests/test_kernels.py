@@ -270,12 +270,13 @@ def test_integer_sums_at_their_extremes(qtype: QT, isa: int) -> None:
         payload[o:o + 2] = False
     blocks[:, :, payload] = 0xFF
     x = np.ones((6, 256), np.float32)
-    x[1::2] = -1.0  # tiles of 4 tokens and single tokens, each lane's product of either sign
+    x[1::2] = -1.0  # a tile of 4 tokens and a padded one, each lane's product of either sign
     kernels.set_isa(isa)
     try:
         w = pack_weight([raw], [qtype], 256)
         out = np.full((6, 16), np.nan, np.float32)
         w.matmul(x, out)
+        check_rows_alone(w, x, out)  # and each token alone: the single-token path
     finally:
         kernels.set_isa(HOST_ISA)
     check_matmul(out, twin(raw, qtype), x, qtype)
