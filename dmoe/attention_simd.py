@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, splat
+from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, prefetch_line, splat
 
 __all__ = ["LANES", "TILE_LANES", "half_bits", "prefetch", "qk_scores", "softmax_exp", "pv_add", "widen_rows",
            "qk_tile", "pv_tile"]
@@ -403,9 +403,7 @@ def prefetch(typingctx, ary, idx, n):
                              ir.Constant(intp, context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))))
         lines = builder.udiv(builder.add(nbytes, ir.Constant(intp, 63)), ir.Constant(intp, 64))
         with cgutils.for_range(builder, lines) as loop:
-            at = builder.gep(base, [builder.mul(loop.index, ir.Constant(intp, 64))])
-            llvm_call(builder, "llvm.prefetch.p0i8", ir.VoidType(), at, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                      ir.Constant(_I32, 1))
+            prefetch_line(builder, builder.gep(base, [builder.mul(loop.index, ir.Constant(intp, 64))]))
         return context.get_dummy_value()
 
     return types.void(ary, idx, n), codegen

@@ -10,7 +10,7 @@ from numba import types
 from numba.core import cgutils
 
 __all__ = ["ISA_GENERIC", "ISA_AVX2", "ISA_VNNI", "ISA_VNNI512", "HOST_ISA", "HOST_LEVELS", "HOST_WIDE",
-           "item_ptr", "item_ptr_at", "index_ok", "splat", "llvm_call"]  # fmt: skip
+           "item_ptr", "item_ptr_at", "index_ok", "splat", "llvm_call", "prefetch_line"]  # fmt: skip
 
 ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_VNNI512 = 0, 1, 2, 3
 _FEATURES = llvm.get_host_cpu_features()
@@ -57,6 +57,14 @@ def splat(builder, value, lanes: int):  # noqa: ANN001, ANN202
     vty = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), None))
+
+
+def prefetch_line(builder, ptr) -> None:  # noqa: ANN001
+    """Hint the cache line at ptr (any pointer) in for reading: llvm.prefetch (read, high locality, data), which
+    never faults."""
+    i8p = ir.IntType(8).as_pointer()
+    llvm_call(builder, "llvm.prefetch.p0i8", ir.VoidType(), builder.bitcast(ptr, i8p), ir.Constant(_I32, 0),
+              ir.Constant(_I32, 3), ir.Constant(_I32, 1))
 
 
 def llvm_call(builder, name: str, ret: ir.Type, *args):  # noqa: ANN001, ANN202

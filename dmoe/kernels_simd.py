@@ -34,6 +34,7 @@ from .kernels_ir import (
     item_ptr,
     item_ptr_at,
     llvm_call,
+    prefetch_line,
     splat,
 )
 
@@ -92,20 +93,9 @@ def _widen_pairs(builder, pairs):  # noqa: ANN001, ANN202
 
 def _prefetch(builder, ptr, ahead: int, span: int) -> None:  # noqa: ANN001
     """Hint the cache lines of [ptr + ahead, ptr + ahead + span) in for reading (never faults)."""
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8"
-    )
     base = builder.bitcast(ptr, _I8.as_pointer())
     for off in range(ahead, ahead + span, 64):
-        builder.call(
-            fn,
-            [
-                builder.gep(base, [ir.Constant(_I32, off)]),
-                ir.Constant(_I32, 0),
-                ir.Constant(_I32, 3),
-                ir.Constant(_I32, 1),
-            ],
-        )
+        prefetch_line(builder, builder.gep(base, [ir.Constant(_I32, off)]))
 
 
 def _maddubs(builder, u, s):  # noqa: ANN001, ANN202
