@@ -44,13 +44,22 @@ ISA_NAMES = {ISA_GENERIC: "generic", ISA_AVX2: "avx2", ISA_VNNI: "vnni", ISA_VNN
 CASES = [(q, isa) for q in (QT.Q4_0, QT.Q8_0) for isa in ISAS] + [(q, HOST_ISA) for q in (QT.F32, QT.F16, QT.BF16)]
 
 
-@pytest.fixture(params=CASES, ids=lambda c: f"{c[0].name}-{ISA_NAMES[c[1]]}")
-def qtype(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
-    """The weight type under test, with the kernels set to the case's ISA for the test's duration."""
+def _case_id(case: tuple[QT, int]) -> str:
+    return f"{case[0].name}-{ISA_NAMES[case[1]]}"
+
+
+def _type_at_isa(request: pytest.FixtureRequest):  # noqa: ANN202 - a fixture's body
+    """The case's (type, ISA): yields the type, with the kernels set to the ISA for the test's duration."""
     qt, isa = request.param
     kernels.set_isa(isa)
     yield qt
     kernels.set_isa(HOST_ISA)
+
+
+@pytest.fixture(params=CASES, ids=_case_id)
+def qtype(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
+    """The weight type under test, at the case's ISA."""
+    yield from _type_at_isa(request)
 
 
 def make_raw(w: np.ndarray, qtype: QT) -> np.ndarray:
@@ -231,14 +240,16 @@ def test_float_weights_take_any_width(qtype: QT) -> None:
     check_matmul(out, twin(raw, qtype), x, qtype)
 
 
-@pytest.fixture(params=[(q, isa) for q in DECODED_TYPES for isa in ISAS],
-                ids=lambda c: f"{c[0].name}-{ISA_NAMES[c[1]]}")
+@pytest.fixture(params=[(q, isa) for q in DECODED_TYPES for isa in ISAS], ids=_case_id)
 def decoded_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
-    """A type the kernels take through the decoded layout, with the case's ISA for the test's duration."""
-    qt, isa = request.param
-    kernels.set_isa(isa)
-    yield qt
-    kernels.set_isa(HOST_ISA)
+    """A type the kernels take through the decoded layout, at the case's ISA."""
+    yield from _type_at_isa(request)
+
+
+@pytest.fixture(params=[(q, isa) for q in (QT.Q4_0, *DECODED_TYPES) for isa in ISAS], ids=_case_id)
+def integer_type(request: pytest.FixtureRequest):  # noqa: ANN201 - a fixture
+    """Every type the integer micro-kernels take, at each lowering this CPU runs."""
+    yield from _type_at_isa(request)
 
 
 @pytest.mark.parametrize(("col0", "cols", "n_tok"),
@@ -257,29 +268,23 @@ def test_decoded_matmul(decoded_type: QT, col0: int, cols: int, n_tok: int) -> N
     check_rows_alone(w, x, out)
 
 
-@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
-@pytest.mark.parametrize("qtype", [QT.Q4_0, *DECODED_TYPES], ids=lambda q: q.name)
-def test_integer_sums_at_their_extremes(qtype: QT, isa: int) -> None:
+def test_integer_sums_at_their_extremes(integer_type: QT) -> None:
     """Every payload bit set (each weight at its format's largest integer, whatever its scales) against
     activations at +127 or -127 in every lane: the largest sums the integer kernels form. The AVX2 lowering adds
     vpmaddubsw's int16 pair sums of several vectors before widening them; an overflow there shows here."""
-    raw = random_blocks(qtype, 16, 256, np.random.default_rng(7))
-    blocks = raw.reshape(16, -1, BLOCK_BYTES[qtype])
-    payload = np.ones(BLOCK_BYTES[qtype], bool)
-    for o in HALF_FIELDS[qtype]:
+    raw = random_blocks(integer_type, 16, 256, np.random.default_rng(7))
+    blocks = raw.reshape(16, -1, BLOCK_BYTES[integer_type])
+    payload = np.ones(BLOCK_BYTES[integer_type], bool)
+    for o in HALF_FIELDS[integer_type]:
         payload[o:o + 2] = False
     blocks[:, :, payload] = 0xFF
     x = np.ones((6, 256), np.float32)
     x[1::2] = -1.0  # a tile of 4 tokens and a padded one, each lane's product of either sign
-    kernels.set_isa(isa)
-    try:
-        w = pack_weight([raw], [qtype], 256)
-        out = np.full((6, 16), np.nan, np.float32)
-        w.matmul(x, out)
-        check_rows_alone(w, x, out)  # and each token alone: the single-token path
-    finally:
-        kernels.set_isa(HOST_ISA)
-    check_matmul(out, twin(raw, qtype), x, qtype)
+    w = pack_weight([raw], [integer_type], 256)
+    out = np.full((6, 16), np.nan, np.float32)
+    w.matmul(x, out)
+    check_matmul(out, twin(raw, integer_type), x, integer_type)
+    check_rows_alone(w, x, out)  # and each token alone: the single-token path
 
 
 def test_mixed_types_share_the_decoded_layout() -> None:
