@@ -1,15 +1,19 @@
 """Causal GQA attention over the KV cache, and the cache's storage.
 
-The cache is [P, Hkv, S, D] per layer (P sequence slots), f32 or f16. numba has no float16, so the f16
-cache holds IEEE half bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops
-(attention_simd.py) widen them in registers. A step's tokens may belong to several sequences (a batch): each
-token carries its slot and position. Work is split by (token, KV head): each K and V row is read once for
-the whole group of query heads that share it, which are register tiles of up to 8 heads. Values are summed
-in blocks of positions whose rows stay in L1 while every 8- or 16-value slice of the output is accumulated.
+The caches hold P sequence slots a layer (cache_shapes), f32 or f16: values [P, Hkv, S, D] by position, keys
+[P, Hkv, S / 16, D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that a
+block's scores are lane vectors, attention_simd.qk_block). numba has no float16, so the f16 cache holds IEEE half
+bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops (attention_simd.py)
+widen them in registers. A step's tokens may belong to several sequences (a batch): each token carries its slot
+and position. Work is split by (token, KV head): each key and value is read once for the whole group of query
+heads that share it, which are register tiles of up to 8 heads. Values are summed in blocks of positions whose
+rows stay in L1 while every 8- or 16-value slice of the output is accumulated. Emerald Rapids, 2 threads, 30B-A3B
+shapes at 4,096 positions (bench/bench_attention.py): 0.51 -> 0.41 ms a layer with the cache in the CPU's caches,
+0.62-0.72 -> 0.54 with every layer's from RAM, as decode reads them.
 
 A long prompt's tokens go in tiles (`attend_tiles`): up to TILE_LANES // group consecutive tokens of one
 sequence and the query heads they read of one KV head, 32 (token, head) lanes in all, against blocks of cache
-rows widened to f32 once per tile. Scores and outputs are then products of a lane vector and one broadcast
+positions widened to f32 once per tile. Scores and outputs are then products of a lane vector and one broadcast
 cache value (qk_tile, pv_tile): no horizontal sums, each cache row read once for the tile's tokens instead of
 once a token, and the tile's positions past a token's own masked before the softmax (their weights, exp(-87),
 leave every sum unchanged, so a token's result does not depend on its tile-mates). One Zen 5 core, 30B-A3B
@@ -26,21 +30,37 @@ import numpy as np
 from numba.extending import overload
 
 from .attention_simd import (
+    KEY_BLOCK,
     TILE_LANES,
     half_bits,
-    prefetch,
     pv_add,
     pv_tile,
-    qk_scores,
+    qk_block,
     qk_tile,
     softmax_exp,
+    softmax_rows,
+    widen_keys,
     widen_rows,
 )
 from .jitcache import drop_stale
 
 _BLOCK = 64  # cache positions per pass of the value sum: 64 f16 rows of 128 values are 16 KB, in L1
-_AHEAD = 16  # decode prefetches the K rows this many positions ahead, and the next block of V rows
-TILE_ROWS = 32  # cache rows a tile widens at a time: 32 f32 rows of 128 values (16 KB) beside its queries (16 KB)
+# Decode hints the cache lines it reads next from RAM, one a cache line spread over the loops: the key block
+# _AHEAD blocks on (8 KB for 128 f16 values), and the value rows of the next pass of _BLOCK positions. Bursts of
+# hints (a whole block's 64 lines at once) made the kernel slower, even with the cache in L2.
+_AHEAD = 2
+TILE_ROWS = 2 * KEY_BLOCK  # positions a tile widens at a time: 32 f32 rows of 128 values (16 KB) beside its queries
+
+
+def padded(S: int) -> int:
+    """Positions the key cache (and the decode's scores) hold for S: whole blocks of KEY_BLOCK."""
+    return -(-S // KEY_BLOCK) * KEY_BLOCK
+
+
+def cache_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The key and value caches' shapes for `slots` (leading axes: layers, sequence slots) of n_kv heads, S
+    positions and D values: keys [*slots, n_kv, padded(S) / KEY_BLOCK, D, KEY_BLOCK], values [*slots, n_kv, S, D]."""
+    return (*slots, n_kv, padded(S) // KEY_BLOCK, D, KEY_BLOCK), (*slots, n_kv, S, D)
 
 
 def scratch_width(group: int) -> int:
@@ -76,46 +96,47 @@ def _cached_impl(x, cache):
 @numba.njit(cache=True, nogil=True)
 def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
              positions: np.ndarray) -> None:
-    """Write the step's K, V [T, Hkv*D] into the caches [P, Hkv, S, D]: token t at slot slots[t], position
-    positions[t] (no bounds checks, as in attend: the engine checks both). numpy's fancy-indexed assignment of
-    the same took 20-21 us a layer for one token, this 4-10."""
-    _, n_kv, _, D = k_cache.shape
+    """Write the step's K, V [T, Hkv*D] into the caches (cache_shapes, one layer's): token t at slot slots[t],
+    position positions[t] (no bounds checks, as in attend: the engine checks both). numpy's fancy-indexed
+    assignment of the same took 20-21 us a layer for one token, this 4-10."""
+    _, n_kv, _, D = v_cache.shape
     for t in range(k.shape[0]):
         s, p = slots[t], positions[t]
+        b, r = p // KEY_BLOCK, p % KEY_BLOCK
         for h in range(n_kv):
             for d in range(D):
-                k_cache[s, h, p, d] = _cached(k[t, h * D + d], k_cache)
+                k_cache[s, h, b, d, r] = _cached(k[t, h * D + d], k_cache)
                 v_cache[s, h, p, d] = _cached(v[t, h * D + d], v_cache)
 
 
 @numba.njit(inline="always")
-def _scores(k_cache, slot, kvh, j, rows, q, t, h0, ng, D, sc, scale):  # pragma: no cover - inlined
-    """sc[j : j + rows, :ng] = the scores of positions j .. j + rows - 1 (rows: 1 or 2, a literal) for query heads
-    h0 .. h0 + ng - 1: 8, 4, then 1 at a time."""
+def _scores(k_cache, slot, kvh, b, q, t, h0, ng, D, sc, scale, ahead):  # pragma: no cover - inlined
+    """sc[:ng, block b's positions] = the scores of key block b for query heads h0 .. h0 + ng - 1: 8, 4, then 1 at
+    a time."""
     g = 0
     while ng - g >= 8:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 8, rows, scale)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 8, scale, ahead)
         g += 8
     if ng - g >= 4:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 4, rows, scale)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 4, scale, ahead)
         g += 4
     while g < ng:
-        qk_scores(k_cache, (slot, kvh, j, 0), q, (t, (h0 + g) * D), sc, (j, g), 1, rows, scale)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 1, scale, ahead)
         g += 1
 
 
 @numba.njit(inline="always")
-def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D):  # pragma: no cover - inlined
+def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D, ahead):  # pragma: no cover - inlined
     """out[t, heads h0 .. h0 + ng - 1] += positions j0 .. j0 + m - 1 of V, weighted by sc: 8, 4, then 1 at a time."""
     g = 0
     while ng - g >= 8:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (j0, g), out, (t, (h0 + g) * D), 8)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 8, ahead)
         g += 8
     if ng - g >= 4:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (j0, g), out, (t, (h0 + g) * D), 4)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 4, ahead)
         g += 4
     while g < ng:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (j0, g), out, (t, (h0 + g) * D), 1)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 1, ahead)
         g += 1
 
 
@@ -123,11 +144,11 @@ def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D):  # pragma: no cov
 def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
            positions: np.ndarray, scores: np.ndarray, norms: np.ndarray, out: np.ndarray) -> None:
     """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t seeing positions 0..positions[t] of
-    cache slot slots[t]. q [T, H*D]; caches [P, Hkv, S, D] (D a multiple of 8); heads [Hkv, 2]: the query heads
-    [start, stop) reading each KV head; scores [threads, S, Gp] and norms [threads, Gp] are per-thread scratch
-    (Gp >= the heads of a group, a multiple of 8)."""
+    cache slot slots[t]. q [T, H*D]; caches as cache_shapes gives them (D a multiple of 8); heads [Hkv, 2]: the
+    query heads [start, stop) reading each KV head; scores [threads, Gp, padded(S)] and norms [threads, Gp] are
+    per-thread scratch (Gp >= the heads of a group, a multiple of 8)."""
     T = q.shape[0]
-    _, n_kv, _, D = k_cache.shape
+    _, n_kv, _, D = v_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     for task in numba.prange(T * n_kv):
         # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
@@ -138,18 +159,15 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         n, slot = positions[t] + 1, slots[t]
         tid = numba.get_thread_id()
         sc, norm = scores[tid], norms[tid]
-        for j in range(0, n - 1, 2):  # two positions a call share the query loads
-            if j + _AHEAD + 2 < n:
-                prefetch(k_cache, (slot, kvh, j + _AHEAD, 0), 2 * D)
-            _scores(k_cache, slot, kvh, j, 2, q, t, h0, ng, D, sc, scale)
-        if n % 2:
-            _scores(k_cache, slot, kvh, n - 1, 1, q, t, h0, ng, D, sc, scale)
-        softmax_exp(sc, n, norm)
+        blocks = (n + KEY_BLOCK - 1) // KEY_BLOCK
+        for b in range(blocks):
+            ahead = _AHEAD * D * KEY_BLOCK if b + _AHEAD < blocks else 0  # values to the block to hint, 0: none
+            _scores(k_cache, slot, kvh, b, q, t, h0, ng, D, sc, scale, ahead)
+        softmax_rows(sc, ng, n, norm)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):
-            if j0 + 2 * _BLOCK <= n:
-                prefetch(v_cache, (slot, kvh, j0 + _BLOCK, 0), _BLOCK * D)
-            _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D)
+            ahead = _BLOCK if j0 + _BLOCK < n else 0  # rows
+            _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D, ahead)
         for g in range(ng):
             out[t, (h0 + g) * D:(h0 + g + 1) * D] *= norm[g]
 
@@ -177,9 +195,10 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
                  acc: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """attend's result, by tiles of tokens (tiles_of; count * group <= TILE_LANES). Per-thread scratch: scores
     [threads, S, TILE_LANES], norms [threads, TILE_LANES], qt and acc [threads, D, TILE_LANES] (the tile's queries
-    and outputs by head dimension), rows [threads, TILE_ROWS, D] (widened cache rows)."""
+    and outputs by head dimension), rows [threads, TILE_ROWS * D] (widened cache rows: keys [D, TILE_ROWS] by head
+    dimension as the cache holds them, values [TILE_ROWS, D])."""
     n_tiles = tiles.shape[0]
-    _, n_kv, _, D = k_cache.shape
+    _, n_kv, _, D = v_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     for task in numba.prange(n_tiles * n_kv):
         m, kvh = task // n_kv, task % n_kv
@@ -188,7 +207,8 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         h0, ng = heads[kvh, 0], heads[kvh, 1] - heads[kvh, 0]
         slot, first = slots[t0], positions[t0]
         tid = numba.get_thread_id()
-        sc, norm, qtt, ac, buf = scores[tid], norms[tid], qt[tid], acc[tid], rows[tid]
+        sc, norm, qtt, ac = scores[tid], norms[tid], qt[tid], acc[tid]
+        keys, values = rows[tid].reshape((D, TILE_ROWS)), rows[tid].reshape((TILE_ROWS, D))
         n = first + c
         qtt[:] = 0.0
         for u in range(c):
@@ -197,8 +217,8 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
                     qtt[d, u * ng + g] = q[t0 + u, (h0 + g) * D + d] * scale
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
-            widen_rows(k_cache, (slot, kvh, j0, 0), block, buf)
-            qk_tile(buf, block, qtt, sc, (j0, 0))
+            widen_keys(k_cache, (slot, kvh, j0 // KEY_BLOCK, 0, 0), (block + KEY_BLOCK - 1) // KEY_BLOCK, keys)
+            qk_tile(keys, block, qtt, sc, (j0, 0))
         for u in range(c - 1):  # token u sees positions up to first + u
             for j in range(first + u + 1, n):
                 for g in range(ng):
@@ -207,8 +227,8 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         ac[:] = 0.0
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
-            widen_rows(v_cache, (slot, kvh, j0, 0), block, buf)
-            pv_tile(buf, block, sc, (j0, 0), ac)
+            widen_rows(v_cache, (slot, kvh, j0, 0), block, values)
+            pv_tile(values, block, sc, (j0, 0), ac)
         for u in range(c):
             for g in range(ng):
                 col = u * ng + g

@@ -1,18 +1,20 @@
-"""Attention's inner loops as LLVM IR through numba intrinsics: query-key scores (`qk_scores`), the softmax's
-exponentials (`softmax_exp`) and the probability-weighted sum of values (`pv_add`); the tiles' (`widen_rows`,
-`qk_tile`, `pv_tile`); and the f16 rounding of the values the cache stores (`half_bits`).
+"""Attention's inner loops as LLVM IR through numba intrinsics: a block of keys against query heads (`qk_block`),
+the softmax's exponentials (`softmax_rows`) and the probability-weighted sum of values (`pv_add`); the tiles'
+(`widen_keys`, `widen_rows`, `qk_tile`, `pv_tile`, `softmax_exp`); and the f16 rounding of the values the cache
+stores (`half_bits`).
 
 Why by hand: numba vectorises a dot product along the head dimension, which leaves one horizontal sum per (position,
 head), widens f16 rows through scalar code (it has no float16), and keeps the output row in memory across positions;
-and without SVML its exp is a scalar libm call. Here an f16 cache row is widened by `fpext` (one `vcvtph2ps` per 8
-or 16 values where the CPU has F16C; 16-value vectors where 512-bit ones run whole (kernels_ir.HOST_WIDE): 0.83-0.93
--> 0.59 ms a layer at 4K on one Zen 5 thread), the query heads that share a KV head are register tiles (up to 8
-accumulators), horizontal sums are done 8 at a time by a transposing shuffle tree, and exp is a vectorised
-polynomial. Portable IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
+and without SVML its exp is a scalar libm call. Here an f16 value is widened by `fpext` (one `vcvtph2ps` per 8 or 16
+values where the CPU has F16C; 16-value vectors where 512-bit ones run whole (kernels_ir.HOST_WIDE)), the query
+heads that share a KV head are register tiles (up to 8 accumulators), and exp is a vectorised polynomial. Portable
+IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
 
-The scores scratch is position-major, [S, Gp] (Gp: the query heads of a group rounded up to 8), so that one
-position's scores for 8 heads are one vector: the softmax runs down the positions with vertical maxima and
-sums, one exp per 8 heads.
+Decode's scores are head-major, [Gp, S] (Gp: the query heads of a group rounded up to 8): qk_block leaves a key
+block's 16 positions as one vector a head (the key cache holds each head dimension's values of 16 positions side
+by side), and the softmax runs along a head's row, one exp per 16 (or 8) positions. The keys by position with a
+shuffle tree of horizontal sums per position took as long again (Emerald Rapids, one thread, 4,096 positions,
+30B-A3B shapes: 0.48 -> 0.31 ms a layer for the scores).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from numba.extending import intrinsic
 
 from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, prefetch_line, splat
 
-__all__ = ["LANES", "TILE_LANES", "half_bits", "prefetch", "qk_scores", "softmax_exp", "pv_add", "widen_rows",
-           "qk_tile", "pv_tile"]
+__all__ = ["LANES", "TILE_LANES", "KEY_BLOCK", "half_bits", "qk_block", "softmax_rows", "softmax_exp",
+           "pv_add", "widen_rows", "widen_keys", "qk_tile", "pv_tile"]
 
 LANES = 8  # f32 lanes of a vector of query heads' scores; the head dimension (a multiple of 8) goes 8 at a time,
 _WIDE = 16 if HOST_WIDE else LANES  # or 16 where 512-bit vectors run whole (then an 8-value tail where D % 16)
@@ -38,6 +40,14 @@ _V = ir.VectorType(_F32, LANES)
 TILE_LANES = 32
 _TILE_ROWS, _TILE_DIMS = (4, 8) if HOST_WIDE else (2, 2)
 _TV = ir.VectorType(_F32, TILE_LANES)
+# The key cache holds blocks of KEY_BLOCK positions, each head dimension's values of the block side by side
+# ([..., D, KEY_BLOCK]): the positions are lanes of one vector (qk_block), 16 or two vectors of 8.
+KEY_BLOCK = 16
+
+
+def _itemsize(context, cache) -> int:  # noqa: ANN001
+    """Bytes a value of the cache (a numba array type) takes."""
+    return context.get_abi_sizeof(context.get_data_type(cache.dtype))
 
 
 def _cache_ok(cache) -> bool:  # noqa: ANN001 - a numba type
@@ -58,13 +68,6 @@ def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
     return llvm_call(builder, f"llvm.fmuladd.v{a.type.count}f32", a.type, a, b, c)
 
 
-def _halves_added(builder, v):  # noqa: ANN001, ANN202
-    """A <16 x float>'s two halves added: <8 x float>."""
-    lo = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(LANES)])
-    hi = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(LANES, 2 * LANES)])
-    return builder.fadd(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
-
-
 def _head_chunks(builder, D, emit) -> None:  # noqa: ANN001
     """emit(start, width) for the chunks of the head dimension: _WIDE values at a time, then (D % 16 == 8 on
     16-lane hosts) one chunk of 8 at the end."""
@@ -74,18 +77,6 @@ def _head_chunks(builder, D, emit) -> None:  # noqa: ANN001
     if _WIDE != LANES:
         with builder.if_then(builder.icmp_unsigned("!=", builder.urem(D, wide), ir.Constant(D.type, 0))):
             emit(builder.sub(D, ir.Constant(D.type, LANES)), LANES)
-
-
-def _hsums(builder, vecs):  # noqa: ANN001, ANN202
-    """One vector whose lane i is the sum of the lanes of vecs[i] (up to 8 vectors): a shuffle tree that adds
-    even and odd lanes of two vectors at a time, so that 8 sums cost 7 adds instead of 8 x 3."""
-    evens = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(0, 2 * LANES, 2)])
-    odds = ir.Constant(ir.VectorType(_I32, LANES), [ir.Constant(_I32, i) for i in range(1, 2 * LANES, 2)])
-    items = list(vecs)
-    for _ in range(3):  # log2(LANES) levels: each halves the lanes an input's partial sums take
-        items = [builder.fadd(builder.shuffle_vector(a, b, evens), builder.shuffle_vector(a, b, odds))
-                 for a, b in zip(items[::2], items[1::2] + ([items[-1]] if len(items) % 2 else []), strict=True)]
-    return items[0]
 
 
 def _tile_width(width) -> int:  # noqa: ANN001 - a numba type
@@ -117,54 +108,50 @@ def half_bits(typingctx, x):
 
 
 @intrinsic
-def qk_scores(typingctx, cache, cidx, q, qidx, sc, sidx, width, rows, scale):
-    """sc[sidx + (r, g)] = scale * (cache row at cidx + r) . q[qidx + (0, g * D)] for g < width (1..8) and r < rows
-    (1 or 2; both literals): one or two cache positions against `width` query heads of D values each (D: the
-    cache's last axis). Two positions share each query vector's load; each position's sums are the same either
-    way."""
+def qk_block(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale, ahead):
+    """sc[sidx + (g, r)] = scale * (key r of the block at cidx) . q[qidx + (0, g * D) : + D] for g < width (1..8, a
+    literal) and r < KEY_BLOCK: a block of the key cache ([..., D, KEY_BLOCK]: each head dimension's values of the
+    block's positions side by side) against `width` query heads; sc [Gp, S] holds each head's scores in a row.
+    Positions are the vector lanes, so each widened key vector meets one broadcast query value per head: no
+    horizontal sums (they had cost as much as the multiplies). ahead: hint the block that many values on into
+    the cache, a line at a time over the loop (0: none)."""
     n = _tile_width(width)
-    m = rows.literal_value if isinstance(rows, types.IntegerLiteral) and rows.literal_value in (1, 2) else 0
-    if not (n and m and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(q, qidx) and index_ok(sc, sidx)):
+    if not (n and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(q, qidx) and index_ok(sc, sidx)):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, _, scale_v = args
+        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v, ahead_v = args
+        ahead = context.cast(builder, ahead_v, sig.args[8], types.intp)
+        wanted = builder.icmp_unsigned("!=", ahead, ir.Constant(ahead.type, 0))
+        rows_a_line = ir.Constant(ahead.type, max(1, 64 // (KEY_BLOCK * _itemsize(context, cache))) - 1)  # less 1
         intp = context.get_value_type(types.intp)
-        D = _len(context, builder, sig.args[0], cache_v, -1)
-        first_row = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
-        krows = [builder.gep(first_row, [builder.mul(D, ir.Constant(intp, r))]) for r in range(m)]
+        D = _len(context, builder, sig.args[0], cache_v, -2)
+        block = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         qp = builder.bitcast(item_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
         heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
-        accs = {w: [[cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F32, w), None)) for _ in range(n)]
-                    for _ in range(m)] for w in {LANES, _WIDE}}  # promoted to registers
-
-        def chunk(start, w: int) -> None:  # noqa: ANN001
-            ks = [_load_row(builder, cache.dtype, row, start, w) for row in krows]
-            for g in range(n):
-                qv = _load_row(builder, types.float32, heads[g], start, w)
-                for k, acc in zip(ks, accs[w], strict=True):
-                    builder.store(_fma(builder, k, qv, builder.load(acc[g])), acc[g])
-
-        _head_chunks(builder, D, chunk)
-        scale = splat(builder, context.cast(builder, scale_v, sig.args[8], types.float32), LANES)
         stride = _len(context, builder, sig.args[4], sc_v, 1)
-        out0 = item_ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v)
-        for r in range(m):
-            totals = [builder.load(a) for a in accs[LANES][r]]
-            if _WIDE != LANES:
-                totals = [builder.fadd(t, _halves_added(builder, builder.load(a)))
-                          for t, a in zip(totals, accs[_WIDE][r], strict=True)]
-            sums = builder.fmul(_hsums(builder, totals), scale)
-            out = builder.gep(out0, [builder.mul(stride, ir.Constant(intp, r))])
-            if n == 1:
-                builder.store(builder.extract_element(sums, ir.Constant(_I32, 0)), out)
-            else:
-                first = ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, i) for i in range(n)])
-                part = builder.shuffle_vector(sums, sums, first)
-                builder.store(part, builder.bitcast(out, part.type.as_pointer()), align=4)
+        out0 = builder.bitcast(item_ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v), _F32.as_pointer())
+        scale = splat(builder, context.cast(builder, scale_v, sig.args[7], types.float32), _WIDE)
+        vty = ir.VectorType(_F32, _WIDE)
+        for part in range(KEY_BLOCK // _WIDE):  # the block's positions, _WIDE lanes at a time
+            start = ir.Constant(intp, part * _WIDE)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(n)]
+            with cgutils.for_range(builder, D) as dim:
+                row = builder.gep(block, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
+                if part == 0:  # one hint a cache line of the block `ahead` elements on, spread over the loop
+                    with builder.if_then(builder.and_(wanted, builder.icmp_unsigned(
+                            "==", builder.and_(dim.index, rows_a_line), ir.Constant(intp, 0)))):
+                        prefetch_line(builder, builder.gep(row, [ahead]))
+                keys = _load_row(builder, cache.dtype, row, start, _WIDE)
+                for head, acc in zip(heads, accs, strict=True):
+                    qs = splat(builder, builder.load(builder.gep(head, [dim.index])), _WIDE)
+                    builder.store(_fma(builder, qs, keys, builder.load(acc)), acc)
+            for g, acc in enumerate(accs):
+                out = builder.gep(out0, [builder.add(builder.mul(stride, ir.Constant(intp, g)), start)])
+                builder.store(builder.fmul(builder.load(acc), scale), builder.bitcast(out, vty.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, q, qidx, sc, sidx, width, rows, scale), codegen
+    return types.void(cache, cidx, q, qidx, sc, sidx, width, scale, ahead), codegen
 
 
 def _exp(builder, x):  # noqa: ANN001, ANN202
@@ -241,10 +228,63 @@ def softmax_exp(typingctx, sc, n, norm):
 
 
 @intrinsic
-def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
-    """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (j, g)] * (cache row at cidx + j) for g < width
+def softmax_rows(typingctx, sc, rows, n, norm):
+    """For each of sc's first `rows` rows (sc [Gp, S], S a multiple of KEY_BLOCK): sc[r, j] = exp(sc[r, j] - max) for
+    j < n, 0 for the rest of n's block of KEY_BLOCK (scores of cache positions past the token's, which qk_block
+    computed with the rest of their block), and norm[r] = 1 / the sum. Positions go _WIDE at a time."""
+    if not (isinstance(sc, types.Array) and sc.ndim == 2 and sc.dtype == types.float32):
+        return None
+    if not (isinstance(rows, types.Integer) and isinstance(n, types.Integer)):
+        return None
+    if not (isinstance(norm, types.Array) and norm.ndim == 1 and norm.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sc_v, rows_v, n_v, norm_v = args
+        intp = context.get_value_type(types.intp)
+        vty = ir.VectorType(_F32, _WIDE)
+        count = context.cast(builder, n_v, sig.args[2], types.intp)
+        width = _len(context, builder, sig.args[0], sc_v, 1)
+        base, out = _data(context, builder, sig.args[0], sc_v), _data(context, builder, sig.args[3], norm_v)
+        wide = ir.Constant(intp, _WIDE)
+        vectors = builder.udiv(builder.add(count, ir.Constant(intp, _WIDE - 1)), wide)
+        lanes = ir.Constant(ir.VectorType(intp, _WIDE), [ir.Constant(intp, i) for i in range(_WIDE)])
+        with cgutils.for_range(builder, context.cast(builder, rows_v, sig.args[1], types.intp)) as row:
+            start = builder.gep(base, [builder.mul(row.index, width)])
+
+            def at(i):  # noqa: ANN001, ANN202 - the i-th vector of the row, and which of its lanes are < n
+                inside = builder.icmp_signed("<", builder.add(lanes, splat(builder, builder.mul(i, wide), _WIDE)),
+                                             splat(builder, count, _WIDE))
+                return builder.bitcast(builder.gep(start, [builder.mul(i, wide)]), vty.as_pointer()), inside
+
+            top = cgutils.alloca_once_value(builder, splat(builder, ir.Constant(_F32, float("-inf")), _WIDE))
+            with cgutils.for_range(builder, vectors) as loop:
+                p, inside = at(loop.index)
+                v = builder.select(inside, builder.load(p, align=4), builder.load(top))
+                builder.store(llvm_call(builder, f"llvm.maxnum.v{_WIDE}f32", vty, v, builder.load(top)), top)
+            peak = splat(builder, llvm_call(builder, f"llvm.vector.reduce.fmax.v{_WIDE}f32", _F32, builder.load(top)),
+                         _WIDE)
+            total = cgutils.alloca_once_value(builder, ir.Constant(vty, None))
+            with cgutils.for_range(builder, vectors) as loop:
+                p, inside = at(loop.index)
+                e = builder.select(inside, _exp(builder, builder.fsub(builder.load(p, align=4), peak)),
+                                   ir.Constant(vty, None))
+                builder.store(e, p, align=4)
+                builder.store(builder.fadd(builder.load(total), e), total)
+            whole = llvm_call(builder, f"llvm.vector.reduce.fadd.v{_WIDE}f32", _F32, ir.Constant(_F32, 0.0),
+                              builder.load(total))
+            builder.store(builder.fdiv(ir.Constant(_F32, 1.0), whole), builder.gep(out, [row.index]))
+        return context.get_dummy_value()
+
+    return types.void(sc, rows, n, norm), codegen
+
+
+@intrinsic
+def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead):
+    """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (g, j)] * (cache row at cidx + j) for g < width
     (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
-    registers across the positions, 8 or 16 values of D at a time."""
+    registers across the positions, 8 or 16 values of D at a time; sc [Gp, S] holds a head's weights in a row.
+    ahead: hint the rows that many positions on into the cache, a line at a time over the passes (0: none)."""
     w = _tile_width(width)
     if not (w and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(sc, sidx) and index_ok(out, oidx)):
         return None
@@ -252,26 +292,34 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _ = args
+        cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _, ahead_v = args
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], cache_v, -1)
         stride = _len(context, builder, sig.args[3], sc_v, 1)
         rows = context.cast(builder, n_v, sig.args[2], types.intp)
+        ahead = builder.mul(context.cast(builder, ahead_v, sig.args[8], types.intp), D)  # in elements
         first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         weights = item_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v)
         op = builder.bitcast(item_ptr(context, builder, sig.args[5], out_v, sig.args[6], oidx_v), _F32.as_pointer())
         heads = [builder.gep(op, [builder.mul(D, ir.Constant(intp, g))]) for g in range(w)]
+        rows_of = [builder.gep(weights, [builder.mul(stride, ir.Constant(intp, g))]) for g in range(w)]
 
         def chunk(start, width: int) -> None:  # noqa: ANN001
             vty = ir.VectorType(_F32, width)
             spots = [builder.bitcast(builder.gep(h, [start]), vty.as_pointer()) for h in heads]
             accs = [cgutils.alloca_once_value(builder, builder.load(s, align=4)) for s in spots]
+            # one hint a cache line of the row `ahead` rows on, in the passes whose values start a line
+            a_line = ir.Constant(intp, 64 // _itemsize(context, cache))
+            hint = builder.and_(builder.icmp_unsigned("!=", ahead, ir.Constant(intp, 0)),
+                                builder.icmp_unsigned("==", builder.urem(start, a_line), ir.Constant(intp, 0)))
             with cgutils.for_range(builder, rows) as pos:
                 j = pos.index
-                v = _load_row(builder, cache.dtype, builder.gep(first, [builder.mul(j, D)]), start, width)
-                wj = builder.gep(weights, [builder.mul(j, stride)])
+                row = builder.gep(first, [builder.mul(j, D)])
+                with builder.if_then(hint):
+                    prefetch_line(builder, builder.gep(row, [builder.add(ahead, start)]))
+                v = _load_row(builder, cache.dtype, row, start, width)
                 for g in range(w):
-                    p = splat(builder, builder.load(builder.gep(wj, [ir.Constant(intp, g)])), width)
+                    p = splat(builder, builder.load(builder.gep(rows_of[g], [j])), width)
                     builder.store(_fma(builder, p, v, builder.load(accs[g])), accs[g])
             for s, a in zip(spots, accs, strict=True):
                 builder.store(builder.load(a), s, align=4)
@@ -279,7 +327,7 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width):
         _head_chunks(builder, D, chunk)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, n, sc, sidx, out, oidx, width), codegen
+    return types.void(cache, cidx, n, sc, sidx, out, oidx, width, ahead), codegen
 
 
 def _lane_row(builder, base, row):  # noqa: ANN001, ANN202
@@ -318,28 +366,58 @@ def widen_rows(typingctx, cache, cidx, m, dst):
 
 
 @intrinsic
+def widen_keys(typingctx, cache, cidx, blocks, dst):
+    """dst[d, b * KEY_BLOCK + r] = key r of block b from the key cache block at cidx on, as f32, for b < blocks (dst
+    [D, B]): the tile's keys widened once, still by head dimension, for qk_tile to broadcast one at a time."""
+    if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(blocks, types.Integer) and _f32_2d(dst)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        cache_v, cidx_v, blocks_v, dst_v = args
+        intp = context.get_value_type(types.intp)
+        D, width = (_len(context, builder, sig.args[3], dst_v, axis) for axis in (0, 1))
+        first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
+        base = _data(context, builder, sig.args[3], dst_v)
+        vty = ir.VectorType(_F32, _WIDE)
+        with cgutils.for_range(builder, context.cast(builder, blocks_v, sig.args[2], types.intp)) as block:
+            src = builder.gep(first, [builder.mul(block.index, builder.mul(D, ir.Constant(intp, KEY_BLOCK)))])
+            col = builder.mul(block.index, ir.Constant(intp, KEY_BLOCK))
+            with cgutils.for_range(builder, D) as dim:
+                row = builder.gep(src, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
+                at = builder.gep(base, [builder.add(builder.mul(dim.index, width), col)])
+                for part in range(0, KEY_BLOCK, _WIDE):
+                    v = _load_row(builder, cache.dtype, row, ir.Constant(intp, part), _WIDE)
+                    builder.store(v, builder.bitcast(builder.gep(at, [ir.Constant(intp, part)]), vty.as_pointer()),
+                                  align=4)
+        return context.get_dummy_value()
+
+    return types.void(cache, cidx, blocks, dst), codegen
+
+
+@intrinsic
 def qk_tile(typingctx, kf, m, qt, sc, sidx):
-    """sc[sidx + (r, 0) : + TILE_LANES] = sum over d of qt[d] * kf[r, d], for r < m: m widened cache rows (kf [B, D])
-    against a tile of query heads laid out by head dimension (qt [D, TILE_LANES]); sc [S, TILE_LANES]. Each lane
-    vector of qt serves _TILE_ROWS rows: no horizontal sums, one broadcast per row and dimension."""
+    """sc[sidx + (r, 0) : + TILE_LANES] = sum over d of qt[d] * kf[d, r], for r < m: m widened keys (kf [D, B], as
+    widen_keys lays them out) against a tile of query heads laid out by head dimension (qt [D, TILE_LANES]); sc [S,
+    TILE_LANES]. Each lane vector of qt serves _TILE_ROWS keys: no horizontal sums, one broadcast per key and
+    dimension."""
     if not (_f32_2d(kf) and isinstance(m, types.Integer) and _f32_2d(qt) and _f32_2d(sc) and index_ok(sc, sidx)):
         return None
 
     def codegen(context, builder, sig, args):
         kf_v, m_v, qt_v, sc_v, sidx_v = args
         intp = context.get_value_type(types.intp)
-        D = _len(context, builder, sig.args[0], kf_v, 1)
+        D, keys = (_len(context, builder, sig.args[0], kf_v, axis) for axis in (0, 1))
         kbase, qbase = _data(context, builder, sig.args[0], kf_v), _data(context, builder, sig.args[2], qt_v)
         out = builder.bitcast(item_ptr(context, builder, sig.args[3], sc_v, sig.args[4], sidx_v), _F32.as_pointer())
         rows = context.cast(builder, m_v, sig.args[1], types.intp)
 
         def block(r0, n: int) -> None:  # noqa: ANN001 - rows r0 .. r0 + n - 1
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_TV, None)) for _ in range(n)]
-            krows = [builder.gep(kbase, [builder.mul(builder.add(r0, ir.Constant(intp, i)), D)]) for i in range(n)]
             with cgutils.for_range(builder, D) as dim:
                 qv = builder.load(_lane_row(builder, qbase, dim.index), align=4)
-                for krow, acc in zip(krows, accs, strict=True):
-                    k = splat(builder, builder.load(builder.gep(krow, [dim.index])), TILE_LANES)
+                column = builder.gep(kbase, [builder.add(builder.mul(dim.index, keys), r0)])
+                for i, acc in enumerate(accs):
+                    k = splat(builder, builder.load(builder.gep(column, [ir.Constant(intp, i)])), TILE_LANES)
                     builder.store(_fma(builder, qv, k, builder.load(acc)), acc)
             for i, acc in enumerate(accs):
                 at = _lane_row(builder, out, builder.add(r0, ir.Constant(intp, i)))
@@ -385,25 +463,3 @@ def pv_tile(typingctx, vf, m, sc, sidx, acc):
         return context.get_dummy_value()
 
     return types.void(vf, m, sc, sidx, acc), codegen
-
-
-@intrinsic
-def prefetch(typingctx, ary, idx, n):
-    """Hint the cache lines of n elements from ary[idx] on in for reading (a hint: it never faults). Decode
-    reads each layer's cache from RAM once; the hardware prefetcher alone left the loads waiting (full-size
-    model, 4,096 positions: 7.3-8.4 -> 8.8-9.1 tok/s on an Emerald Rapids box, 2 threads)."""
-    if not (index_ok(ary, idx) and isinstance(n, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        intp = context.get_value_type(types.intp)
-        base = builder.bitcast(item_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                               ir.IntType(8).as_pointer())
-        nbytes = builder.mul(context.cast(builder, args[2], sig.args[2], types.intp),
-                             ir.Constant(intp, context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))))
-        lines = builder.udiv(builder.add(nbytes, ir.Constant(intp, 63)), ir.Constant(intp, 64))
-        with cgutils.for_range(builder, lines) as loop:
-            prefetch_line(builder, builder.gep(base, [builder.mul(loop.index, ir.Constant(intp, 64))]))
-        return context.get_dummy_value()
-
-    return types.void(ary, idx, n), codegen

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
+from dmoe import attention
 from dmoe.comm import SPIN_S, LocalComm, MPIComm, make_comm
 from dmoe.model import Batch, Model
 from dmoe.modelfile import ModelFile
@@ -67,9 +68,8 @@ class Engine:
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
-        kv_shape = (cfg.num_hidden_layers, parallel, self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim)
-        k_cache = np.zeros(kv_shape, KV_TYPES[kv_type])  # [L, P, Hkv, S, D]
-        v_cache = np.zeros(kv_shape, KV_TYPES[kv_type])
+        k_cache, v_cache = (np.zeros(shape, KV_TYPES[kv_type]) for shape in attention.cache_shapes(
+            (cfg.num_hidden_layers, parallel), self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim))
         self.kv_bytes = k_cache.nbytes + v_cache.nbytes
         self.model = Model(cfg, self.plan, self.shard, self.weights, k_cache, v_cache, nthreads, self.is_root)
         self.phase_seconds = self.model.phase_seconds

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from dmoe import attention
 from dmoe.config import ModelConfig
 from dmoe.engine import KV_TYPES
 from dmoe.kernels import ExpertWeights, layout_runs, packed_format
@@ -72,8 +73,8 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
     out = []
     seq = min(max_seq_len, cfg.max_position_embeddings)
     for shard in plan.shards:
-        kv = (2 * cfg.num_hidden_layers * parallel * shard.n_kv_heads * seq * cfg.head_dim
-              * np.dtype(KV_TYPES[kv_type]).itemsize)
+        shapes = attention.cache_shapes((cfg.num_hidden_layers, parallel), shard.n_kv_heads, seq, cfg.head_dim)
+        kv = sum(int(np.prod(shape)) for shape in shapes) * np.dtype(KV_TYPES[kv_type]).itemsize
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))

@@ -84,7 +84,7 @@ class RunState:
         self.heads = np.array([[max(q0, kv * group) - q0, min(shard.q_heads[1], (kv + 1) * group) - q0]
                                for kv in range(*shard.kv_heads)], np.int32).reshape(-1, 2)  # [Hkv, 2] query heads
         width = attention.scratch_width(group)
-        self.scores = np.zeros((threads, max_seq, width), np.float32)  # attention scratch per thread [S, Gp]
+        self.scores = np.zeros((threads, width, attention.padded(max_seq)), np.float32)  # per thread [Gp, S]
         self.norms = np.zeros((threads, width), np.float32)  # each head's softmax normaliser, per thread
         # a long prompt's tiles (see SHARED_STEP_TOKENS): tokens a tile, and per thread the tile's scores, queries and
         # outputs (by head dimension) and cache rows widened to f32
@@ -95,7 +95,7 @@ class RunState:
             self.tile_norms = np.zeros((threads, lanes), np.float32)
             self.tile_q = attention.aligned_zeros((threads, D, lanes))
             self.tile_out = attention.aligned_zeros((threads, D, lanes))
-            self.tile_rows = attention.aligned_zeros((threads, attention.TILE_ROWS, D))
+            self.tile_rows = attention.aligned_zeros((threads, attention.TILE_ROWS * D))
 
 
 class Layer:
@@ -104,7 +104,7 @@ class Layer:
     def __init__(self, cfg: ModelConfig, shard: RankShard, w: LayerWeights, k_cache: np.ndarray,
                  v_cache: np.ndarray, broadcast_routing: bool) -> None:
         self.cfg, self.shard, self.w = cfg, shard, w
-        self.k_cache, self.v_cache = k_cache, v_cache  # [Hkv, S, D] f32, or f16 bits in uint16
+        self.k_cache, self.v_cache = k_cache, v_cache  # attention.cache_shapes: f32, or f16 bits in uint16
         self.expert_offset = shard.experts[0]
         self.broadcast_routing = broadcast_routing  # the root's choices travel; else every rank routes
         self.n_local_experts = shard.experts[1] - shard.experts[0]
@@ -164,14 +164,15 @@ class Layer:
 
 
 class Model:
-    """The forward pass over this rank's shard: its layers, their part of the KV cache [L, P, Hkv, S, D], and
+    """The forward pass over this rank's shard: its layers, their part of the KV cache (attention.cache_shapes with
+    leading axes [L, P]), and
     the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
 
     def __init__(self, cfg: ModelConfig, plan: ShardPlan, shard: RankShard, weights: ModelWeights,
                  k_cache: np.ndarray, v_cache: np.ndarray, nthreads: int, is_root: bool) -> None:
         self.cfg, self.plan, self.shard, self.weights, self.is_root = cfg, plan, shard, weights, is_root
         self.k_cache, self.v_cache, self.nthreads = k_cache, v_cache, nthreads
-        self.max_seq_len = k_cache.shape[3]
+        self.max_seq_len = v_cache.shape[3]
         self.layers = [Layer(cfg, shard, w, k_cache[i], v_cache[i], plan.routing == "root")
                        for i, w in enumerate(weights.layers)]
         self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)

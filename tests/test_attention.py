@@ -12,11 +12,11 @@ import pytest
 from dmoe import attention
 
 
-def reference(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+def reference(q: np.ndarray, heads: np.ndarray, keys: np.ndarray, values: np.ndarray, slots: np.ndarray,
               positions: np.ndarray) -> np.ndarray:
-    K, V = (c.view(np.float16).astype(np.float64) if c.dtype == np.uint16 else c.astype(np.float64)
-            for c in (k_cache, v_cache))
-    D = k_cache.shape[-1]
+    """keys, values [P, Hkv, S, D]: what the caches hold, by position."""
+    K, V = keys.astype(np.float64), values.astype(np.float64)
+    D = keys.shape[-1]
     out = np.zeros(q.shape, np.float64)
     for t in range(q.shape[0]):
         n = positions[t] + 1
@@ -26,6 +26,19 @@ def reference(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np
                 p = np.exp(s - s.max())
                 out[t, h * D:(h + 1) * D] = p @ V[slots[t], kvh, :n] / p.sum()
     return out
+
+
+def filled_caches(keys: np.ndarray, values: np.ndarray, kv_type: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The caches (attention.cache_shapes) holding keys and values [P, Hkv, S, D] at every slot and position, written
+    by store_kv; and the keys and values as the reference reads them (rounded to f16 for an f16 cache)."""
+    P, n_kv, S, D = keys.shape
+    caches = [np.zeros(shape, kv_type) for shape in attention.cache_shapes((P,), n_kv, S, D)]
+    slots, positions = (a.ravel() for a in np.meshgrid(np.arange(P), np.arange(S), indexing="ij"))
+    keys, values = (a.astype(np.float32) for a in (keys, values))
+    k, v = (a[slots, :, positions].reshape(P * S, n_kv * D) for a in (keys, values))
+    attention.store_kv(k, v, *caches, slots, positions)
+    held = [a.astype(np.float16) if kv_type == np.uint16 else a for a in (keys, values)]
+    return caches, held
 
 
 @pytest.mark.parametrize(("D", "heads", "T", "depth", "kv_type"), [
@@ -43,17 +56,16 @@ def test_attend_matches_reference(D: int, heads: list[tuple[int, int]], T: int, 
     n_kv, H = len(heads), heads[-1][1] - heads[0][0]
     heads_arr -= heads_arr[0, 0]  # the rank's query heads are numbered from its first
     q = (3 * rng.standard_normal((T, H * D))).astype(np.float32)
-    caches = [rng.standard_normal((3, n_kv, depth, D)).astype(np.float32) for _ in range(2)]
-    if kv_type == np.uint16:
-        caches = [c.astype(np.float16).view(np.uint16) for c in caches]
+    caches, held = filled_caches(*(rng.standard_normal((3, n_kv, depth, D)) for _ in range(2)), kv_type)
     slots = rng.integers(0, 3, T)
     positions = rng.integers(0, depth, T)
     positions[0] = depth - 1  # one token sees the whole cache
     threads, width = numba.get_num_threads(), attention.scratch_width(max(h1 - h0 for h0, h1 in heads))
     out = np.full((T, H * D), np.nan, np.float32)
-    attention.attend(q, heads_arr, *caches, slots, positions, np.zeros((threads, depth, width), np.float32),
+    attention.attend(q, heads_arr, *caches, slots, positions,
+                     np.zeros((threads, width, attention.padded(depth)), np.float32),
                      np.zeros((threads, width), np.float32), out)
-    want = reference(q, heads_arr, *caches, slots, positions)
+    want = reference(q, heads_arr, *held, slots, positions)
     assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
 
 
@@ -67,16 +79,18 @@ def test_store_kv_writes_each_token_at_its_slot_and_position(kv_type: type) -> N
     k = (rng.standard_normal((T, n_kv * D)) * magnitudes).astype(np.float32)
     k[0, :4] = [65504.0, 65520.0, 2.0 ** -25, 1 + 2.0 ** -11]  # largest f16, rounds to inf, to 0, a tie to even
     v = rng.standard_normal((T, 3 * n_kv * D)).astype(np.float32)[:, 2 * n_kv * D:]
-    caches = [np.zeros((3, n_kv, depth, D), kv_type) for _ in range(2)]
+    k_cache, v_cache = (np.zeros(shape, kv_type) for shape in attention.cache_shapes((3,), n_kv, depth, D))
     slots, positions = np.array([0, 2, 1, 0, 2]), np.array([3, 7, 0, 4, 63])
-    attention.store_kv(k, v, *caches, slots, positions)
-    for src, cache in zip((k, v), caches, strict=True):
+    attention.store_kv(k, v, k_cache, v_cache, slots, positions)
+    block = attention.KEY_BLOCK
+    for src, cache, held in ((k, k_cache, lambda s, p: k_cache[s, :, p // block, :, p % block]),
+                             (v, v_cache, lambda s, p: v_cache[s, :, p])):
         want = src.reshape(T, n_kv, D)
         if kv_type == np.uint16:
             with np.errstate(over="ignore"):
                 want = want.astype(np.float16).view(np.uint16)
         for t in range(T):
-            np.testing.assert_array_equal(cache[slots[t], :, positions[t]], want[t])
+            np.testing.assert_array_equal(held(slots[t], positions[t]), want[t])
         assert np.count_nonzero(cache) == np.count_nonzero(want)
 
 
@@ -85,13 +99,13 @@ def test_softmax_takes_extreme_scores() -> None:
     D, n = 8, 5
     k = np.zeros((1, 1, n, D), np.float32)
     k[0, 0, :, 0] = [0.0, -200.0, 0.0, -1.0, 30.0]
-    v = np.eye(n, D, dtype=np.float32)[None, None]
+    caches, _ = filled_caches(k, np.eye(n, D, dtype=np.float32)[None, None], np.float32)
     q = np.zeros((1, D), np.float32)
     q[0, 0] = np.sqrt(D)  # scores = k[:, 0]
     out = np.zeros((1, D), np.float32)
     threads = numba.get_num_threads()
-    attention.attend(q, np.array([[0, 1]], np.int32), k, v, np.zeros(1, np.int64), np.array([n - 1]),
-                     np.zeros((threads, n, 8), np.float32), np.zeros((threads, 8), np.float32), out)
+    attention.attend(q, np.array([[0, 1]], np.int32), *caches, np.zeros(1, np.int64), np.array([n - 1]),
+                     np.zeros((threads, 8, attention.padded(n)), np.float32), np.zeros((threads, 8), np.float32), out)
     s = k[0, 0, :, 0].astype(np.float64)
     want = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     np.testing.assert_allclose(out[0, :n], want, rtol=1e-6, atol=1e-30)
@@ -114,9 +128,7 @@ def test_attend_tiles_matches_reference(D: int, heads: list[tuple[int, int]], de
     n_kv, H = len(heads), heads[-1][1] - heads[0][0]
     T = sum(c for _, _, c in seqs)
     q = (3 * rng.standard_normal((T, H * D))).astype(np.float32)
-    caches = [rng.standard_normal((3, n_kv, depth, D)).astype(np.float32) for _ in range(2)]
-    if kv_type == np.uint16:
-        caches = [c.astype(np.float16).view(np.uint16) for c in caches]
+    caches, held = filled_caches(*(rng.standard_normal((3, n_kv, depth, D)) for _ in range(2)), kv_type)
     slots = np.concatenate([[s] * c for s, _, c in seqs]).astype(np.int64)
     positions = np.concatenate([np.arange(p, p + c) for _, p, c in seqs]).astype(np.int64)
     tiles = attention.tiles_of(slots, positions, attention.tile_tokens(max(h1 - h0 for h0, h1 in heads)))
@@ -125,9 +137,9 @@ def test_attend_tiles_matches_reference(D: int, heads: list[tuple[int, int]], de
     out = np.full((T, H * D), np.nan, np.float32)
     scratch = [np.zeros(shape, np.float32) for shape in ((threads, depth, lanes), (threads, lanes),
                                                          (threads, D, lanes), (threads, D, lanes),
-                                                         (threads, attention.TILE_ROWS, D))]
+                                                         (threads, attention.TILE_ROWS * D))]
     attention.attend_tiles(q, heads_arr, *caches, slots, positions, tiles, *scratch, out)
-    want = reference(q, heads_arr, *caches, slots, positions)
+    want = reference(q, heads_arr, *held, slots, positions)
     assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
 
 
@@ -136,3 +148,28 @@ def test_tiles_follow_sequences() -> None:
     slots = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2], np.int64)
     positions = np.array([7, 8, 9, 10, 11, 3, 5, 0, 1, 2], np.int64)
     assert attention.tiles_of(slots, positions, 4).tolist() == [[0, 4], [4, 1], [5, 1], [6, 1], [7, 3]]
+
+
+@pytest.mark.parametrize("n", [1, 16, 21, 40])
+def test_positions_past_the_token_never_count(n: int) -> None:
+    """Keys and values past a token's position (the rest of its key block, and beyond) are NaN: the result is the
+    reference's over positions 0..n-1, from both kernels (a token's own block is computed whole)."""
+    rng = np.random.default_rng(n)
+    D, depth, heads = 32, 48, np.array([[0, 8]], np.int32)
+    keys, values = (rng.standard_normal((1, 1, depth, D)) for _ in range(2))
+    keys[:, :, n:], values[:, :, n:] = np.nan, np.nan
+    caches, held = filled_caches(keys, values, np.uint16)
+    q = rng.standard_normal((1, 8 * D)).astype(np.float32)
+    slots, positions = np.zeros(1, np.int64), np.array([n - 1])
+    want = reference(q, heads, *held, slots, positions)
+    threads, lanes = numba.get_num_threads(), attention.TILE_LANES
+    out = np.full(q.shape, np.nan, np.float32)
+    attention.attend(q, heads, *caches, slots, positions, np.zeros((threads, 8, attention.padded(depth)), np.float32),
+                     np.zeros((threads, 8), np.float32), out)
+    assert np.abs(out - want).max() <= 2e-6 * np.abs(want).max()
+    tiled = np.full(q.shape, np.nan, np.float32)
+    scratch = [np.zeros(shape, np.float32) for shape in ((threads, depth, lanes), (threads, lanes), (threads, D, lanes),
+                                                         (threads, D, lanes), (threads, attention.TILE_ROWS * D))]
+    attention.attend_tiles(q, heads, *caches, slots, positions, attention.tiles_of(slots, positions, 4), *scratch,
+                           tiled)
+    assert np.abs(tiled - want).max() <= 2e-6 * np.abs(want).max()
