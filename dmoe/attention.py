@@ -1,7 +1,7 @@
 """Causal GQA attention over the KV cache, and the cache's storage.
 
 The caches hold P sequence slots a layer (cache_shapes), f32 or f16: values [P, Hkv, S, D] by position, keys
-[P, Hkv, S / 16, D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that a
+[P, Hkv, ceil(S / 16), D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that a
 block's scores are lane vectors, attention_simd.qk_block). numba has no float16, so the f16 cache holds IEEE half
 bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops (attention_simd.py)
 widen them in registers. A step's tokens may belong to several sequences (a batch): each token carries its slot
@@ -64,7 +64,8 @@ def cache_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tup
 
 
 def scratch_width(group: int) -> int:
-    """Columns of the per-thread scores scratch [S, Gp] for `group` query heads a KV head: a multiple of 8."""
+    """Rows Gp of decode's per-thread scores scratch [Gp, padded(S)] for `group` query heads a KV head: a multiple
+    of 8."""
     return -(-group // 8) * 8
 
 
@@ -112,31 +113,35 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
 @numba.njit(inline="always")
 def _scores(k_cache, slot, kvh, b, q, t, h0, ng, D, sc, scale, ahead):  # pragma: no cover - inlined
     """sc[:ng, block b's positions] = the scores of key block b for query heads h0 .. h0 + ng - 1: 8, 4, then 1 at
-    a time."""
+    a time (the first call hints the block `ahead` values on)."""
     g = 0
     while ng - g >= 8:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 8, scale, ahead)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 8, scale,
+                 ahead if g == 0 else 0)
         g += 8
     if ng - g >= 4:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 4, scale, ahead)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 4, scale,
+                 ahead if g == 0 else 0)
         g += 4
     while g < ng:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 1, scale, ahead)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 1, scale,
+                 ahead if g == 0 else 0)
         g += 1
 
 
 @numba.njit(inline="always")
 def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D, ahead):  # pragma: no cover - inlined
-    """out[t, heads h0 .. h0 + ng - 1] += positions j0 .. j0 + m - 1 of V, weighted by sc: 8, 4, then 1 at a time."""
+    """out[t, heads h0 .. h0 + ng - 1] += positions j0 .. j0 + m - 1 of V, weighted by sc: 8, 4, then 1 at a time
+    (the first call hints the rows `ahead` positions on)."""
     g = 0
     while ng - g >= 8:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 8, ahead)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 8, ahead if g == 0 else 0)
         g += 8
     if ng - g >= 4:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 4, ahead)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 4, ahead if g == 0 else 0)
         g += 4
     while g < ng:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 1, ahead)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 1, ahead if g == 0 else 0)
         g += 1
 
 

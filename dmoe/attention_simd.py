@@ -29,10 +29,9 @@ from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, prefetch_line,
 __all__ = ["LANES", "TILE_LANES", "KEY_BLOCK", "half_bits", "qk_block", "softmax_rows", "softmax_exp",
            "pv_add", "widen_rows", "widen_keys", "qk_tile", "pv_tile"]
 
-LANES = 8  # f32 lanes of a vector of query heads' scores; the head dimension (a multiple of 8) goes 8 at a time,
+LANES = 8  # f32 lanes of a vector (of positions' scores, of a head's output); D (a multiple of 8) goes 8 at a time,
 _WIDE = 16 if HOST_WIDE else LANES  # or 16 where 512-bit vectors run whole (then an 8-value tail where D % 16)
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
-_V = ir.VectorType(_F32, LANES)
 # The tiles of a prefill: the query heads of several tokens that read one KV head, as TILE_LANES lanes (two
 # 512-bit vectors or four of 256); per step of the head dimension, one lane vector meets _TILE_ROWS broadcast
 # cache values (scores), or one weights vector _TILE_DIMS values (outputs): as many accumulators as the
@@ -234,7 +233,7 @@ def softmax_exp(typingctx, sc, n, norm):
 @intrinsic
 def softmax_rows(typingctx, sc, rows, n, norm):
     """For each of sc's first `rows` rows (sc [Gp, S], S a multiple of KEY_BLOCK): sc[r, j] = exp(sc[r, j] - max) for
-    j < n, 0 for the rest of n's block of KEY_BLOCK (scores of cache positions past the token's, which qk_block
+    j < n, 0 for the rest of the vector holding n - 1 (scores of cache positions past the token's, which qk_block
     computed with the rest of their block), and norm[r] = 1 / the sum. Positions go _WIDE at a time."""
     if not (isinstance(sc, types.Array) and sc.ndim == 2 and sc.dtype == types.float32):
         return None

@@ -150,16 +150,19 @@ def test_tiles_follow_sequences() -> None:
     assert attention.tiles_of(slots, positions, 4).tolist() == [[0, 4], [4, 1], [5, 1], [6, 1], [7, 3]]
 
 
-@pytest.mark.parametrize("n", [1, 16, 21, 40])
-def test_positions_past_the_token_never_count(n: int) -> None:
-    """Keys and values past a token's position (the rest of its key block, and beyond) are NaN: the result is the
-    reference's over positions 0..n-1, from both kernels (a token's own block is computed whole)."""
+@pytest.mark.parametrize("past", [np.nan, 60.0])
+@pytest.mark.parametrize("n", [1, 21, 40])
+def test_positions_past_the_token_never_count(n: int, past: float) -> None:
+    """Keys past a token's position (the rest of its key block, and beyond) are NaN, or so large that their
+    scores (about +270) would take the softmax's maximum, and the values there NaN: the result is the reference's
+    over positions 0..n-1, from both kernels (a token's own key block is computed whole). Depth 44: the last
+    block is padding."""
     rng = np.random.default_rng(n)
-    D, depth, heads = 32, 48, np.array([[0, 8]], np.int32)
+    D, depth, heads = 32, 44, np.array([[0, 8]], np.int32)
     keys, values = (rng.standard_normal((1, 1, depth, D)) for _ in range(2))
-    keys[:, :, n:], values[:, :, n:] = np.nan, np.nan
+    keys[:, :, n:], values[:, :, n:] = past, np.nan
     caches, held = filled_caches(keys, values, np.uint16)
-    q = rng.standard_normal((1, 8 * D)).astype(np.float32)
+    q = np.abs(rng.standard_normal((1, 8 * D))).astype(np.float32)
     slots, positions = np.zeros(1, np.int64), np.array([n - 1])
     want = reference(q, heads, *held, slots, positions)
     threads, lanes = numba.get_num_threads(), attention.TILE_LANES
