@@ -1,9 +1,14 @@
 """The attention kernels against a float64 numpy reference: f16 and f32 caches, every head tiling (8, 4 and 1
 heads a register tile), query-head ranges that cut KV groups (as ranks' shards do), batches of tokens in
 several cache slots, and depths over several value blocks; and the prefill's tiles of tokens (attend_tiles):
-prompts and chunks of them beside decoded tokens, groups of 1 to 16 heads, partial tiles and cache blocks."""
+prompts and chunks of them beside decoded tokens, groups of 1 to 16 heads, partial tiles and cache blocks; all of
+it at both vector widths (test_the_other_vector_width)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -176,3 +181,15 @@ def test_positions_past_the_token_never_count(n: int, past: float) -> None:
     attention.attend_tiles(q, heads, *caches, slots, positions, attention.tiles_of(slots, positions, 4), *scratch,
                            tiled)
     assert np.abs(tiled - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_the_other_vector_width(tmp_path) -> None:
+    """This file's other tests again at the vector width this host does not pick (16 lanes where 512-bit vectors
+    run whole, else 8, the AVX2 path), in a process of its own with its own numba cache (the width is fixed when
+    attention_simd is imported, and numba's cache would not tell the two apart)."""
+    code = ("import sys, pytest, dmoe.kernels_ir as k; k.HOST_WIDE = not k.HOST_WIDE; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not other_vector_width', {__file__!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
