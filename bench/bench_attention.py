@@ -62,5 +62,6 @@ def best_of(calls: list[tuple], repeats: int) -> float:
         best = min(best, time.perf_counter() - t)
     return best / len(calls)
 
+
 if __name__ == "__main__":
     main()

@@ -126,7 +126,8 @@ def qk_block(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale, ahead):
         cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v, ahead_v = args
         ahead = context.cast(builder, ahead_v, sig.args[8], types.intp)
         wanted = builder.icmp_unsigned("!=", ahead, ir.Constant(ahead.type, 0))
-        rows_a_line = ir.Constant(ahead.type, max(1, 64 // (KEY_BLOCK * _itemsize(context, cache))) - 1)  # less 1
+        # the head dimensions whose key vectors start a cache line: d & line_mask == 0
+        line_mask = ir.Constant(ahead.type, max(1, 64 // (KEY_BLOCK * _itemsize(context, cache))) - 1)
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], cache_v, -2)
         block = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
@@ -143,7 +144,7 @@ def qk_block(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale, ahead):
                 row = builder.gep(block, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
                 if part == 0:  # one hint a cache line of the block `ahead` elements on, spread over the loop
                     with builder.if_then(builder.and_(wanted, builder.icmp_unsigned(
-                            "==", builder.and_(dim.index, rows_a_line), ir.Constant(intp, 0)))):
+                            "==", builder.and_(dim.index, line_mask), ir.Constant(intp, 0)))):
                         prefetch_line(builder, builder.gep(row, [ahead]), _HINT_LEVEL)
                 keys = _load_row(builder, cache.dtype, row, start, _WIDE)
                 for head, acc in zip(heads, accs, strict=True):

@@ -165,8 +165,7 @@ class Layer:
 
 class Model:
     """The forward pass over this rank's shard: its layers, their part of the KV cache (attention.cache_shapes with
-    leading axes [L, P]), and
-    the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
+    leading axes [L, P]), and the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
 
     def __init__(self, cfg: ModelConfig, plan: ShardPlan, shard: RankShard, weights: ModelWeights,
                  k_cache: np.ndarray, v_cache: np.ndarray, nthreads: int, is_root: bool) -> None:
