@@ -1,9 +1,9 @@
-"""Attention's decode kernel alone, on a model's shapes: one token against n cached positions (f16 cache),
+"""Attention's decode kernel alone, on a model's shapes: one token against n cached positions (f16 cache, or --kv-type),
 milliseconds a layer (best of many runs: this kind of box is noisy) and GFLOP/s, at each depth: with one layer's
 cache read again and again (it stays in the CPU's caches: the kernel's compute) and with every layer's cache
 read in turn, as a decoded token reads them (from RAM, as in the model).
 
-    python bench/bench_attention.py [--config configs/qwen3-30b-a3b.json] [--depth 512,4096,16384]
+    python bench/bench_attention.py [--config configs/qwen3-30b-a3b.json] [--depth 512,4096,16384] [--kv-type q8]
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import numpy as np
 
 from dmoe import attention
 from dmoe.config import ModelConfig
+from dmoe.engine import KV_TYPES
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/qwen3-30b-a3b.json")
     p.add_argument("--depth", type=lambda v: [int(x) for x in v.split(",")], default=[512, 4096, 16384])
+    p.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16")
     args = p.parse_args()
     cfg = ModelConfig.from_hf_file(args.config)
     Hkv, D = cfg.num_key_value_heads, cfg.head_dim
@@ -31,20 +33,24 @@ def main() -> None:
     heads = np.array([[i * G, (i + 1) * G] for i in range(Hkv)], np.int32)
     q = rng.standard_normal((1, Hkv * G * D)).astype(np.float32)
     out = np.zeros_like(q)
-    print(f"{cfg.num_attention_heads} query heads, {Hkv} KV heads of {D}; {threads} thread(s)")
+    print(f"{cfg.num_attention_heads} query heads, {Hkv} KV heads of {D}; {args.kv_type} cache; {threads} thread(s)")
     layers = cfg.num_hidden_layers
     for n in args.depth:
-        one = [rng.standard_normal(shape).astype(np.float16).view(np.uint16)
-               for shape in attention.cache_shapes((1,), Hkv, n, D)]
-        k, v = (np.empty((layers, *a.shape), np.uint16) for a in one)
-        k[:], v[:] = one
+        one = [np.zeros(shape, KV_TYPES[args.kv_type]) for shape in attention.cache_shapes((1,), Hkv, n, D)]
+        one += [np.zeros(shape, np.float32)
+                for shape in attention.scale_shapes((1,), Hkv, n if args.kv_type == "q8" else 0)]
+        k, v = rng.standard_normal((2, n, Hkv * D)).astype(np.float32)
+        attention.store_kv(k, v, *one, np.zeros(n, np.int64), np.arange(n))
+        caches = [np.empty((layers, *a.shape), a.dtype) for a in one]  # every layer's: the same values
+        for c, a in zip(caches, one, strict=True):
+            c[:] = a
         width = attention.scratch_width(G)
         scores = np.zeros((threads, width, attention.padded(n)), np.float32)
         norms = np.zeros((threads, width), np.float32)
-        calls = [(q, heads, k[i], v[i], np.zeros(1, np.int64), np.array([n - 1]), scores, norms, out)
+        calls = [(q, heads, *(c[i] for c in caches), np.zeros(1, np.int64), np.array([n - 1]), scores, norms, out)
                  for i in range(layers)]
         hot, cold = best_of(calls[:1], 100_000 // n), best_of(calls, 2_000 // n)
-        flops, nbytes = 4 * Hkv * G * n * D, k[0].nbytes + v[0].nbytes
+        flops, nbytes = 4 * Hkv * G * n * D, sum(c[0].nbytes for c in caches)
         print(f"depth {n}: in cache {hot * 1e3:.3f} ms a layer ({flops / hot / 1e9:.1f} GFLOP/s); every layer's "
               f"cache from RAM {cold * 1e3:.3f} ms a layer ({nbytes / cold / 1e9:.1f} GB/s)")
 

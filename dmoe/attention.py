@@ -1,15 +1,16 @@
 """Causal GQA attention over the KV cache, and the cache's storage.
 
-The caches hold P sequence slots a layer (cache_shapes), f32 or f16: values [P, Hkv, S, D] by position, keys
-[P, Hkv, ceil(S / 16), D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that a
-block's scores are lane vectors, attention_simd.qk_block). numba has no float16, so the f16 cache holds IEEE half
-bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops (attention_simd.py)
-widen them in registers. A step's tokens may belong to several sequences (a batch): each token carries its slot
-and position. Work is split by (token, KV head): each key and value is read once for the whole group of query
-heads that share it, which are register tiles of up to 8 heads. Values are summed in blocks of positions whose
-rows stay in L1 while every 8- or 16-value slice of the output is accumulated. Emerald Rapids, 2 threads, 30B-A3B
-shapes at 4,096 positions (bench/bench_attention.py): 0.51 -> 0.41 ms a layer with the cache in the CPU's caches,
-0.62-0.72 -> 0.54 with every layer's from RAM, as decode reads them.
+The caches hold P sequence slots a layer (cache_shapes), f32, f16 or int8: values [P, Hkv, S, D] by position, keys
+[P, Hkv, ceil(S / 16), D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that
+a block's scores are lane vectors, attention_simd.qk_block). numba has no float16, so the f16 cache holds IEEE half
+bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops (attention_simd.py) widen
+them in registers. An int8 cache (q8) keeps one f32 scale a position and head (scale_shapes), its key blocks in quads
+of head dimensions (qk_block's integer dot products, against queries quantised to bytes a head). A step's tokens may
+belong to several sequences (a batch): each token carries its slot and position. Work is split by (token, KV head):
+each key and value is read once for the whole group of query heads that share it, which are register tiles of up to 8
+heads. Values are summed in blocks of positions whose rows stay in L1 while every 8- or 16-value slice of the output
+is accumulated. Emerald Rapids, 2 threads, 30B-A3B shapes at 4,096 positions (bench/bench_attention.py): 0.51 -> 0.41
+ms a layer with the cache in the CPU's caches, 0.62-0.72 -> 0.54 with every layer's from RAM, as decode reads them.
 
 A long prompt's tokens go in tiles (`attend_tiles`): up to TILE_LANES // group consecutive tokens of one
 sequence and the query heads they read of one KV head, 32 (token, head) lanes in all, against blocks of cache
@@ -63,6 +64,12 @@ def cache_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tup
     return (*slots, n_kv, padded(S) // KEY_BLOCK, D, KEY_BLOCK), (*slots, n_kv, S, D)
 
 
+def scale_shapes(slots: tuple[int, ...], n_kv: int, S: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """An int8 cache's scales (one a position and head, f32): keys' [*slots, n_kv, padded(S) / KEY_BLOCK, KEY_BLOCK],
+    values' [*slots, n_kv, S]; S = 0 gives the empty arrays the other caches pass."""
+    return (*slots, n_kv, padded(S) // KEY_BLOCK, KEY_BLOCK), (*slots, n_kv, S)
+
+
 def scratch_width(group: int) -> int:
     """Rows Gp of decode's per-thread scores scratch [Gp, padded(S)] for `group` query heads a KV head: a multiple
     of 8."""
@@ -83,49 +90,150 @@ def tile_tokens(group: int) -> int:
     return TILE_LANES // group
 
 
-def _cached(x, cache):  # pragma: no cover - typed by the overload below
-    """x as `cache` stores it: f32, or f16 bits."""
+def _row_scale(row, cache):  # pragma: no cover - typed by the overload below
+    """The scale an int8 cache keeps for a row of values (its largest magnitude / 127; 1 for other caches)."""
+
+
+@overload(_row_scale, inline="always")
+def _row_scale_impl(row, cache):
+    if cache.dtype == numba.types.int8:
+        return lambda row, cache: np.float32(np.abs(row).max() / np.float32(127.0))
+    return lambda row, cache: np.float32(1.0)
+
+
+def _cached(x, inv, cache):  # pragma: no cover - typed by the overload below
+    """x as `cache` stores it: f32, f16 bits, or int8 (x * inv rounded to the nearest, ties to even)."""
 
 
 @overload(_cached, inline="always")
-def _cached_impl(x, cache):
+def _cached_impl(x, inv, cache):
     if cache.dtype == numba.types.uint16:
-        return lambda x, cache: half_bits(x)
-    return lambda x, cache: x
+        return lambda x, inv, cache: half_bits(x)
+    if cache.dtype == numba.types.int8:
+        return lambda x, inv, cache: np.int8(np.rint(x * inv))
+    return lambda x, inv, cache: x
+
+
+def _keep_scale(scales, idx, value, cache):  # pragma: no cover - typed by the overload below
+    """scales[idx] = value where `cache` is int8 (the other caches keep no scales)."""
+
+
+@overload(_keep_scale, inline="always")
+def _keep_scale_impl(scales, idx, value, cache):
+    if cache.dtype == numba.types.int8:
+        def keep(scales, idx, value, cache):
+            scales[idx] = value
+        return keep
+    return lambda scales, idx, value, cache: None
+
+
+def _key_spot(d, r, cache):  # pragma: no cover - typed by the overload below
+    """Where head dimension d of position r of a key block lies in its [D, KEY_BLOCK] array: there for f16 and f32
+    caches; an int8 cache's block holds quads [D / 4, KEY_BLOCK, 4] (attention_simd.qk_block)."""
+
+
+@overload(_key_spot, inline="always")
+def _key_spot_impl(d, r, cache):
+    if cache.dtype == numba.types.int8:
+        def quads(d, r, cache):
+            at = (d // 4) * 4 * KEY_BLOCK + r * 4 + d % 4
+            return at // KEY_BLOCK, at % KEY_BLOCK
+        return quads
+    return lambda d, r, cache: (d, r)
+
+
+def _queries(q, D, scale, cache):  # pragma: no cover - typed by the overload below
+    """The step's queries as qk_block reads them for `cache`, and each head's factor: q itself and 1 / sqrt(D) for
+    f16 and f32 caches; for an int8 one, room for bytes and factors that _quantise fills."""
+
+
+@overload(_queries, inline="always")
+def _queries_impl(q, D, scale, cache):
+    if cache.dtype == numba.types.int8:
+        return lambda q, D, scale, cache: (np.empty(q.shape, np.uint8),
+                                           np.empty((q.shape[0], q.shape[1] // D), np.float32))
+    return lambda q, D, scale, cache: (q, np.full((q.shape[0], q.shape[1] // D), scale, np.float32))
+
+
+def _quantise(q, qx, qs, t, h0, ng, D, scale):  # pragma: no cover - typed by the overload below
+    """Query heads h0 .. h0 + ng - 1 of token t as bytes for an int8 cache's qk_block: qx = rint(q * (1 / s)) + 128
+    with s = the head's largest magnitude / 127 (as store_kv quantises a key), and qs[t, h] = s / sqrt(D). Nothing
+    for the other caches."""
+
+
+@overload(_quantise, inline="always")
+def _quantise_impl(q, qx, qs, t, h0, ng, D, scale):
+    if qx.dtype != numba.types.uint8:
+        return lambda q, qx, qs, t, h0, ng, D, scale: None
+
+    def quantise(q, qx, qs, t, h0, ng, D, scale):
+        for h in range(h0, h0 + ng):
+            row = q[t, h * D:(h + 1) * D]
+            s = np.abs(row).max() / np.float32(127.0)
+            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+            qs[t, h] = scale * s
+            for d in range(D):
+                qx[t, h * D + d] = np.uint8(np.int32(np.rint(row[d] * inv)) + 128)
+    return quantise
+
+
+def _fold_scales(sc, rows, n, v_scales, slot, kvh, cache):  # pragma: no cover - typed by the overload below
+    """sc[:rows, j] *= an int8 cache's value scale of position j, j < n: the weights carry the scales, so that the
+    value sum widens the cache's bytes as they are (pv_add). Nothing for the other caches."""
+
+
+@overload(_fold_scales, inline="always")
+def _fold_scales_impl(sc, rows, n, v_scales, slot, kvh, cache):
+    if cache.dtype != numba.types.int8:
+        return lambda sc, rows, n, v_scales, slot, kvh, cache: None
+
+    def fold(sc, rows, n, v_scales, slot, kvh, cache):
+        scales = v_scales[slot, kvh]
+        for g in range(rows):
+            row = sc[g]
+            for j in range(n):
+                row[j] *= scales[j]
+    return fold
 
 
 @numba.njit(cache=True, nogil=True)
-def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
-             positions: np.ndarray) -> None:
-    """Write the step's K, V [T, Hkv*D] into the caches (cache_shapes, one layer's): token t at slot slots[t],
-    position positions[t] (no bounds checks, as in attend: the engine checks both). numpy's fancy-indexed
-    assignment of the same took 20-21 us a layer for one token, this 4-10."""
+def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, k_scales: np.ndarray,
+             v_scales: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
+    """Write the step's K, V [T, Hkv*D] into the caches (cache_shapes, one layer's; an int8 cache's scales,
+    scale_shapes): token t at slot slots[t], position positions[t] (no bounds checks, as in attend: the engine
+    checks both). numpy's fancy-indexed assignment of the same took 20-21 us a layer for one token, this 4-10."""
     _, n_kv, _, D = v_cache.shape
     for t in range(k.shape[0]):
         s, p = slots[t], positions[t]
         b, r = p // KEY_BLOCK, p % KEY_BLOCK
         for h in range(n_kv):
+            ks, vs = _row_scale(k[t, h * D:(h + 1) * D], k_cache), _row_scale(v[t, h * D:(h + 1) * D], v_cache)
+            _keep_scale(k_scales, (s, h, b, r), ks, k_cache)
+            _keep_scale(v_scales, (s, h, p), vs, v_cache)
+            kinv = np.float32(1.0) / ks if ks > 0 else np.float32(0.0)
+            vinv = np.float32(1.0) / vs if vs > 0 else np.float32(0.0)
             for d in range(D):
-                k_cache[s, h, b, d, r] = _cached(k[t, h * D + d], k_cache)
-                v_cache[s, h, p, d] = _cached(v[t, h * D + d], v_cache)
+                row, col = _key_spot(d, r, k_cache)
+                k_cache[s, h, b, row, col] = _cached(k[t, h * D + d], kinv, k_cache)
+                v_cache[s, h, p, d] = _cached(v[t, h * D + d], vinv, v_cache)
 
 
 @numba.njit(inline="always")
-def _scores(k_cache, slot, kvh, b, q, t, h0, ng, D, sc, scale, ahead):  # pragma: no cover - inlined
+def _scores(k_cache, k_scales, slot, kvh, b, q, qs, t, h0, ng, D, sc, ahead):  # pragma: no cover - inlined
     """sc[:ng, block b's positions] = the scores of key block b for query heads h0 .. h0 + ng - 1: 8, 4, then 1 at
     a time (the first call hints the block `ahead` values on)."""
     g = 0
     while ng - g >= 8:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 8, scale,
-                 ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
+                 8, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
         g += 8
     if ng - g >= 4:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 4, scale,
-                 ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
+                 4, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
         g += 4
     while g < ng:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), sc, (g, b * KEY_BLOCK), 1, scale,
-                 ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
+                 1, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
         g += 1
 
 
@@ -146,15 +254,18 @@ def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D, ahead):  # pragma:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
-           positions: np.ndarray, scores: np.ndarray, norms: np.ndarray, out: np.ndarray) -> None:
+def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, k_scales: np.ndarray,
+           v_scales: np.ndarray, slots: np.ndarray, positions: np.ndarray, scores: np.ndarray, norms: np.ndarray,
+           out: np.ndarray) -> None:
     """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t seeing positions 0..positions[t] of
-    cache slot slots[t]. q [T, H*D]; caches as cache_shapes gives them (D a multiple of 8); heads [Hkv, 2]: the
+    cache slot slots[t]. q [T, H*D]; caches as cache_shapes gives them (D a multiple of 8), their scales as
+    scale_shapes does (read for an int8 cache only: its queries go to bytes, a scale a head); heads [Hkv, 2]: the
     query heads [start, stop) reading each KV head; scores [threads, Gp, padded(S)] and norms [threads, Gp] are
     per-thread scratch (Gp >= the heads of a group, a multiple of 8)."""
     T = q.shape[0]
     _, n_kv, _, D = v_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
+    qx, qs = _queries(q, D, scale, k_cache)
     for task in numba.prange(T * n_kv):
         # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
         # the causal mask, so prange's equal contiguous chunks of tasks are equal work
@@ -164,11 +275,13 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         n, slot = positions[t] + 1, slots[t]
         tid = numba.get_thread_id()
         sc, norm = scores[tid], norms[tid]
+        _quantise(q, qx, qs, t, h0, ng, D, scale)
         blocks = (n + KEY_BLOCK - 1) // KEY_BLOCK
         for b in range(blocks):
             ahead = _AHEAD * D * KEY_BLOCK if b + _AHEAD < blocks else 0  # values to the block to hint, 0: none
-            _scores(k_cache, slot, kvh, b, q, t, h0, ng, D, sc, scale, ahead)
+            _scores(k_cache, k_scales, slot, kvh, b, qx, qs, t, h0, ng, D, sc, ahead)
         softmax_rows(sc, ng, n, norm)
+        _fold_scales(sc, ng, n, v_scales, slot, kvh, v_cache)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):
             ahead = _BLOCK if j0 + _BLOCK < n else 0  # rows
@@ -195,9 +308,9 @@ def tiles_of(slots: np.ndarray, positions: np.ndarray, tile: int) -> np.ndarray:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
-                 positions: np.ndarray, tiles: np.ndarray, scores: np.ndarray, norms: np.ndarray, qt: np.ndarray,
-                 acc: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, k_scales: np.ndarray,
+                 v_scales: np.ndarray, slots: np.ndarray, positions: np.ndarray, tiles: np.ndarray, scores: np.ndarray,
+                 norms: np.ndarray, qt: np.ndarray, acc: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """attend's result, by tiles of tokens (tiles_of; count * group <= TILE_LANES). Per-thread scratch: scores
     [threads, S, TILE_LANES], norms [threads, TILE_LANES], qt and acc [threads, D, TILE_LANES] (the tile's queries
     and outputs by head dimension), rows [threads, TILE_ROWS * D] (widened cache rows: keys [D, TILE_ROWS] by head
@@ -222,7 +335,8 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
                     qtt[d, u * ng + g] = q[t0 + u, (h0 + g) * D + d] * scale
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
-            widen_keys(k_cache, (slot, kvh, j0 // KEY_BLOCK, 0, 0), (block + KEY_BLOCK - 1) // KEY_BLOCK, keys)
+            widen_keys(k_cache, (slot, kvh, j0 // KEY_BLOCK, 0, 0), (block + KEY_BLOCK - 1) // KEY_BLOCK, keys,
+                       k_scales, (slot, kvh, j0 // KEY_BLOCK, 0))
             qk_tile(keys, block, qtt, sc, (j0, 0))
         for u in range(c - 1):  # token u sees positions up to first + u
             for j in range(first + u + 1, n):
@@ -232,7 +346,7 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         ac[:] = 0.0
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
-            widen_rows(v_cache, (slot, kvh, j0, 0), block, values)
+            widen_rows(v_cache, (slot, kvh, j0, 0), block, values, v_scales, (slot, kvh, j0))
             pv_tile(values, block, sc, (j0, 0), ac)
         for u in range(c):
             for g in range(ng):

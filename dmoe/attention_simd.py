@@ -12,7 +12,8 @@ IR: LLVM lowers it for AVX2, AVX-512, NEON or scalars.
 
 Decode's scores are head-major, [Gp, S] (Gp: the query heads of a group rounded up to 8): qk_block leaves a key
 block's 16 positions as one vector a head (the key cache holds each head dimension's values of 16 positions side
-by side), and the softmax runs along a head's row, one exp per 16 (or 8) positions. The keys by position with a
+by side), and the softmax runs along a head's row, one exp per 16 (or 8) positions. An int8 cache's keys are scored
+by integer dot products (vpdpbusd where the CPU has VNNI), 4 head dimensions a lane. The keys by position with a
 shuffle tree of horizontal sums per position took as long again (Emerald Rapids, one thread, 4,096 positions,
 30B-A3B shapes: 0.48 -> 0.31 ms a layer for the scores).
 """
@@ -24,14 +25,28 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels_ir import HOST_WIDE, index_ok, item_ptr, llvm_call, prefetch_line, splat
+from .kernels_ir import (
+    HOST_ISA,
+    HOST_WIDE,
+    ISA_AVX2,
+    ISA_VNNI,
+    ISA_VNNI512,
+    abs_if,
+    const_vec,
+    index_ok,
+    item_ptr,
+    llvm_call,
+    prefetch_line,
+    quad_dots,
+    splat,
+)
 
 __all__ = ["LANES", "TILE_LANES", "KEY_BLOCK", "half_bits", "qk_block", "softmax_rows", "softmax_exp",
            "pv_add", "widen_rows", "widen_keys", "qk_tile", "pv_tile"]
 
 LANES = 8  # f32 lanes of a vector (of positions' scores, of a head's output); D (a multiple of 8) goes 8 at a time,
 _WIDE = 16 if HOST_WIDE else LANES  # or 16 where 512-bit vectors run whole (then an 8-value tail where D % 16)
-_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_F32, _I8, _I32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 # The tiles of a prefill: the query heads of several tokens that read one KV head, as TILE_LANES lanes (two
 # 512-bit vectors or four of 256); per step of the head dimension, one lane vector meets _TILE_ROWS broadcast
 # cache values (scores), or one weights vector _TILE_DIMS values (outputs): as many accumulators as the
@@ -54,16 +69,37 @@ def _itemsize(context, cache) -> int:  # noqa: ANN001
 
 
 def _cache_ok(cache) -> bool:  # noqa: ANN001 - a numba type
+    return isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32, types.int8)
+
+
+def _float_cache(cache) -> bool:  # noqa: ANN001 - a numba type
     return isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32)
 
 
+def _scales_ok(cache, scales, sidx) -> bool:  # noqa: ANN001 - numba types
+    """Whether scales[sidx] can be the f32 scales of an int8 cache's values (any array will do for the others:
+    they are not read)."""
+    return (isinstance(scales, types.Array) and scales.dtype == types.float32 and index_ok(scales, sidx)
+            and _cache_ok(cache))
+
+
 def _load_row(builder, cache_dtype, ptr, start, width: int = LANES):  # noqa: ANN001, ANN202
-    """Values start .. start + width - 1 of a cache row at ptr (f16 bits in uint16, or f32) as <width x float>."""
+    """Values start .. start + width - 1 of a cache row at ptr (f16 bits in uint16, int8, or f32) as <width x
+    float> (an int8 cache's values before their scale)."""
     f32s = ir.VectorType(_F32, width)
     if cache_dtype == types.uint16:
         halves = ir.VectorType(ir.HalfType(), width).as_pointer()
         return builder.fpext(builder.load(builder.bitcast(builder.gep(ptr, [start]), halves), align=2), f32s)
+    if cache_dtype == types.int8:
+        bytes_ = ir.VectorType(ir.IntType(8), width).as_pointer()
+        return builder.sitofp(builder.load(builder.bitcast(builder.gep(ptr, [start]), bytes_), align=1), f32s)
     return builder.load(builder.bitcast(builder.gep(ptr, [start]), f32s.as_pointer()), align=4)
+
+
+def _scale_ptr(context, builder, sig, args, at: int):  # noqa: ANN001, ANN202
+    """The address of scales[sidx], the intrinsic's arguments `at` and `at + 1`."""
+    return builder.bitcast(item_ptr(context, builder, sig.args[at], args[at], sig.args[at + 1], args[at + 1]),
+                           _F32.as_pointer())
 
 
 def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
@@ -111,51 +147,131 @@ def half_bits(typingctx, x):
 
 
 @intrinsic
-def qk_block(typingctx, cache, cidx, q, qidx, sc, sidx, width, scale, ahead):
-    """sc[sidx + (g, r)] = scale * (key r of the block at cidx) . q[qidx + (0, g * D) : + D] for g < width (1..8, a
-    literal) and r < KEY_BLOCK: a block of the key cache ([..., D, KEY_BLOCK]: each head dimension's values of the
-    block's positions side by side) against `width` query heads; sc [Gp, S] holds each head's scores in a row.
-    Positions are the vector lanes, so each widened key vector meets one broadcast query value per head: no
-    horizontal sums (they had cost as much as the multiplies). ahead: hint the block that many values on into
-    the cache, a line at a time over the loop (0: none)."""
+def qk_block(typingctx, cache, cidx, q, qidx, qs, qsidx, sc, sidx, width, ks, ksidx, ahead):
+    """sc[sidx + (g, r)] = qs[qsidx + g] * (key r of the block at cidx) . q[qidx + (0, g * D) : + D] for g < width
+    (1..8, a literal) and r < KEY_BLOCK: a block of the key cache against `width` query heads, each with its factor
+    qs (1 / sqrt(D), and an int8 cache's query scale); sc [Gp, S] holds each head's scores in a row. An f16 or f32
+    cache's block is [D, KEY_BLOCK] (each head dimension's values of the block's positions side by side), an int8
+    one's is in quads [D / 4, KEY_BLOCK, 4], scaled by ks[ksidx + r], with queries as bytes (_byte_scores).
+    ahead: hint the block that many elements on into the cache, a line at a time over the loop (0: none)."""
     n = _tile_width(width)
     if not (n and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(q, qidx) and index_ok(sc, sidx)):
         return None
+    if not (_scales_ok(cache, qs, qsidx) and _scales_ok(cache, ks, ksidx)):
+        return None
+    if q.dtype != (types.uint8 if cache.dtype == types.int8 else types.float32):
+        return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, q_v, qidx_v, sc_v, sidx_v, _, scale_v, ahead_v = args
-        ahead = context.cast(builder, ahead_v, sig.args[8], types.intp)
-        wanted = builder.icmp_unsigned("!=", ahead, ir.Constant(ahead.type, 0))
-        # the head dimensions whose key vectors start a cache line: d & line_mask == 0
-        line_mask = ir.Constant(ahead.type, max(1, 64 // (KEY_BLOCK * _itemsize(context, cache))) - 1)
-        intp = context.get_value_type(types.intp)
-        D = _len(context, builder, sig.args[0], cache_v, -2)
-        block = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
-        qp = builder.bitcast(item_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
-        heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
-        stride = _len(context, builder, sig.args[4], sc_v, 1)
-        out0 = builder.bitcast(item_ptr(context, builder, sig.args[4], sc_v, sig.args[5], sidx_v), _F32.as_pointer())
-        scale = splat(builder, context.cast(builder, scale_v, sig.args[7], types.float32), _WIDE)
-        vty = ir.VectorType(_F32, _WIDE)
-        for part in range(KEY_BLOCK // _WIDE):  # the block's positions, _WIDE lanes at a time
-            start = ir.Constant(intp, part * _WIDE)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(n)]
-            with cgutils.for_range(builder, D) as dim:
-                row = builder.gep(block, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
-                if part == 0:  # one hint a cache line of the block `ahead` elements on, spread over the loop
-                    with builder.if_then(builder.and_(wanted, builder.icmp_unsigned(
-                            "==", builder.and_(dim.index, line_mask), ir.Constant(intp, 0)))):
-                        prefetch_line(builder, builder.gep(row, [ahead]), _HINT_LEVEL)
-                keys = _load_row(builder, cache.dtype, row, start, _WIDE)
-                for head, acc in zip(heads, accs, strict=True):
-                    qs = splat(builder, builder.load(builder.gep(head, [dim.index])), _WIDE)
-                    builder.store(_fma(builder, qs, keys, builder.load(acc)), acc)
-            for g, acc in enumerate(accs):
-                out = builder.gep(out0, [builder.add(builder.mul(stride, ir.Constant(intp, g)), start)])
-                builder.store(builder.fmul(builder.load(acc), scale), builder.bitcast(out, vty.as_pointer()), align=4)
+        emit = _byte_scores if cache.dtype == types.int8 else _float_scores
+        emit(context, builder, sig, args, n)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, q, qidx, sc, sidx, width, scale, ahead), codegen
+    return types.void(cache, cidx, q, qidx, qs, qsidx, sc, sidx, width, ks, ksidx, ahead), codegen
+
+
+def _float_scores(context, builder, sig, args, n: int) -> None:  # noqa: ANN001
+    """qk_block's f16 or f32 keys: positions are the vector lanes, so each widened key vector meets one broadcast
+    query value per head: no horizontal sums (they had cost as much as the multiplies)."""
+    cache_v, cidx_v, q_v, qidx_v, _, _, sc_v, sidx_v, _, _, _, ahead_v = args
+    cache = sig.args[0]
+    ahead = context.cast(builder, ahead_v, sig.args[11], types.intp)
+    wanted = builder.icmp_unsigned("!=", ahead, ir.Constant(ahead.type, 0))
+    # the head dimensions whose key vectors start a cache line: d & line_mask == 0
+    line_mask = ir.Constant(ahead.type, max(1, 64 // (KEY_BLOCK * _itemsize(context, cache))) - 1)
+    intp = context.get_value_type(types.intp)
+    D = _len(context, builder, cache, cache_v, -2)
+    block = item_ptr(context, builder, cache, cache_v, sig.args[1], cidx_v)
+    qp = builder.bitcast(item_ptr(context, builder, sig.args[2], q_v, sig.args[3], qidx_v), _F32.as_pointer())
+    heads = [builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]) for g in range(n)]
+    stride = _len(context, builder, sig.args[6], sc_v, 1)
+    out0 = builder.bitcast(item_ptr(context, builder, sig.args[6], sc_v, sig.args[7], sidx_v), _F32.as_pointer())
+    factors = _scale_ptr(context, builder, sig, args, 4)
+    vty = ir.VectorType(_F32, _WIDE)
+    for part in range(KEY_BLOCK // _WIDE):  # the block's positions, _WIDE lanes at a time
+        start = ir.Constant(intp, part * _WIDE)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(n)]
+        with cgutils.for_range(builder, D) as dim:
+            row = builder.gep(block, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
+            if part == 0:  # one hint a cache line of the block `ahead` elements on, spread over the loop
+                with builder.if_then(builder.and_(wanted, builder.icmp_unsigned(
+                        "==", builder.and_(dim.index, line_mask), ir.Constant(intp, 0)))):
+                    prefetch_line(builder, builder.gep(row, [ahead]), _HINT_LEVEL)
+            keys = _load_row(builder, cache.dtype, row, start, _WIDE)
+            for head, acc in zip(heads, accs, strict=True):
+                qs = splat(builder, builder.load(builder.gep(head, [dim.index])), _WIDE)
+                builder.store(_fma(builder, qs, keys, builder.load(acc)), acc)
+        for g, acc in enumerate(accs):
+            out = builder.gep(out0, [builder.add(builder.mul(stride, ir.Constant(intp, g)), start)])
+            factor = splat(builder, builder.load(builder.gep(factors, [ir.Constant(intp, g)])), _WIDE)
+            builder.store(builder.fmul(builder.load(acc), factor), builder.bitcast(out, vty.as_pointer()), align=4)
+
+
+def _byte_scores(context, builder, sig, args, n: int) -> None:  # noqa: ANN001
+    """qk_block's int8 keys: one vpdpbusd adds 4-dimension dot products for 16 positions (8 on 256 bits) and a
+    head, 64 multiply-adds in an instruction where f16 keys take 16 and a widening. The queries are unsigned bytes
+    (the query's int8 + 128: vpdpbusd's unsigned operand is the broadcast one), so the sums lose 128 * each
+    position's key bytes' sum (one more vpdpbusd a key vector, against ones); AVX2's vpmaddubsw, whose pairs would
+    saturate, takes the query back to int8 and the keys' signs instead. The integer sums are exact: every lowering
+    gives the same scores."""
+    cache_v, cidx_v, qb_v, qidx_v, qs_v, qsidx_v, sc_v, sidx_v, _, ks_v, ksidx_v, ahead_v = args
+    intp = context.get_value_type(types.intp)
+    wide = _WIDE == 16 and HOST_ISA == ISA_VNNI512  # 512-bit vpdpbusd, else 256-bit vectors
+    level = HOST_ISA if wide else min(HOST_ISA, ISA_VNNI)
+    lanes = 16 if wide else 8  # positions a vector
+    i8p = _I8.as_pointer()
+    bytes_ty, i32s = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes)
+
+    def dots(u, s, acc):  # noqa: ANN001, ANN202 - acc + the 4-byte dots of unsigned u and signed s
+        if wide:
+            return llvm_call(builder, "llvm.x86.avx512.vpdpbusd.512", i32s, acc, builder.bitcast(u, i32s),
+                             builder.bitcast(s, i32s))
+        return quad_dots(builder, level, u, None, s, acc)
+
+    ahead = context.cast(builder, ahead_v, sig.args[11], types.intp)
+    wanted = builder.icmp_unsigned("!=", ahead, ir.Constant(intp, 0))
+    D = _len(context, builder, sig.args[0], cache_v, -2)
+    block = builder.bitcast(item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v), i8p)
+    qp = builder.bitcast(item_ptr(context, builder, sig.args[2], qb_v, sig.args[3], qidx_v), i8p)
+    heads = [builder.bitcast(builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]), _I32.as_pointer())
+             for g in range(n)]
+    parts = KEY_BLOCK // lanes
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(i32s, None)) for _ in range(parts)] for _ in range(n)]
+    sums = [cgutils.alloca_once_value(builder, ir.Constant(i32s, None)) for _ in range(parts)]
+    with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, 4))) as quad:
+        line = builder.gep(block, [builder.mul(quad.index, ir.Constant(intp, 4 * KEY_BLOCK))])
+        with builder.if_then(wanted):
+            prefetch_line(builder, builder.gep(line, [ahead]), _HINT_LEVEL)
+        for p in range(parts):
+            keys = builder.load(builder.bitcast(builder.gep(line, [ir.Constant(intp, 4 * lanes * p)]),
+                                                bytes_ty.as_pointer()), align=1)
+            if level == ISA_AVX2:
+                magnitudes = abs_if(builder, level, keys)
+            else:
+                builder.store(dots(const_vec(_I8, 1, 4 * lanes), keys, builder.load(sums[p])), sums[p])
+            for head, acc in zip(heads, accs, strict=True):
+                q4 = builder.bitcast(splat(builder, builder.load(builder.gep(head, [quad.index]), align=1), lanes),
+                                     bytes_ty)
+                if level == ISA_AVX2:
+                    signed = builder.xor(q4, const_vec(_I8, -128, 4 * lanes))
+                    builder.store(quad_dots(builder, level, keys, magnitudes, signed, builder.load(acc[p])), acc[p])
+                else:
+                    builder.store(dots(q4, keys, builder.load(acc[p])), acc[p])
+    stride = _len(context, builder, sig.args[6], sc_v, 1)
+    out0 = builder.bitcast(item_ptr(context, builder, sig.args[6], sc_v, sig.args[7], sidx_v), _F32.as_pointer())
+    factors = _scale_ptr(context, builder, sig, args, 4)
+    key_scales = _scale_ptr(context, builder, sig, args, 9)
+    fty = ir.VectorType(_F32, lanes)
+    for p in range(parts):
+        start = ir.Constant(intp, p * lanes)
+        scales = builder.load(builder.bitcast(builder.gep(key_scales, [start]), fty.as_pointer()), align=4)
+        offset = builder.shl(builder.load(sums[p]), const_vec(_I32, 7, lanes))  # 128 * each position's key sum
+        for g, acc in enumerate(accs):
+            dot = builder.load(acc[p]) if level == ISA_AVX2 else builder.sub(builder.load(acc[p]), offset)
+            factor = splat(builder, builder.load(builder.gep(factors, [ir.Constant(intp, g)])), lanes)
+            out = builder.gep(out0, [builder.add(builder.mul(stride, ir.Constant(intp, g)), start)])
+            builder.store(builder.fmul(builder.fmul(builder.sitofp(dot, fty), factor), scales),
+                          builder.bitcast(out, fty.as_pointer()), align=4)
 
 
 def _exp(builder, x):  # noqa: ANN001, ANN202
@@ -288,7 +404,8 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead):
     """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (g, j)] * (cache row at cidx + j) for g < width
     (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
     registers across the positions, 8 or 16 values of D at a time; sc [Gp, S] holds a head's weights in a row.
-    ahead: hint the rows that many positions on into the cache, a line at a time over the passes (0: none)."""
+    ahead: hint the rows that many positions on into the cache, a line at a time over the passes (0: none). An int8
+    cache's rows are taken as they are: the caller has folded their scales into the weights."""
     w = _tile_width(width)
     if not (w and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(sc, sidx) and index_ok(out, oidx)):
         return None
@@ -345,14 +462,16 @@ def _f32_2d(a) -> bool:  # noqa: ANN001 - a numba type
 
 
 @intrinsic
-def widen_rows(typingctx, cache, cidx, m, dst):
-    """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]): a block of f16 rows widened once, so
-    that the tile kernels can broadcast single values from it."""
+def widen_rows(typingctx, cache, cidx, m, dst, vs, vsidx):
+    """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]; an int8 cache's times vs[vsidx + r]): a
+    block of f16 rows widened once, so that the tile kernels can broadcast single values from it."""
     if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(m, types.Integer) and _f32_2d(dst)):
+        return None
+    if not _scales_ok(cache, vs, vsidx):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, m_v, dst_v = args
+        cache_v, cidx_v, m_v, dst_v, _, _ = args
         D = _len(context, builder, sig.args[0], cache_v, -1)
         first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         base = _data(context, builder, sig.args[3], dst_v)
@@ -361,41 +480,63 @@ def widen_rows(typingctx, cache, cidx, m, dst):
 
             def chunk(start, width: int) -> None:  # noqa: ANN001
                 at = builder.bitcast(builder.gep(row, [start]), ir.VectorType(_F32, width).as_pointer())
-                builder.store(_load_row(builder, cache.dtype, src, start, width), at, align=4)
+                v = _load_row(builder, cache.dtype, src, start, width)
+                if cache.dtype == types.int8:
+                    factor = builder.load(builder.gep(_scale_ptr(context, builder, sig, args, 4), [loop.index]))
+                    v = builder.fmul(v, splat(builder, factor, width))
+                builder.store(v, at, align=4)
 
             _head_chunks(builder, D, chunk)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, m, dst), codegen
+    return types.void(cache, cidx, m, dst, vs, vsidx), codegen
 
 
 @intrinsic
-def widen_keys(typingctx, cache, cidx, blocks, dst):
+def widen_keys(typingctx, cache, cidx, blocks, dst, ks, ksidx):
     """dst[d, b * KEY_BLOCK + r] = key r of block b from the key cache block at cidx on, as f32, for b < blocks (dst
-    [D, B]): the tile's keys widened once, still by head dimension, for qk_tile to broadcast one at a time."""
+    [D, B]; an int8 cache's keys, in quads as qk_bytes reads them, times their scales, ks[ksidx + (b, r)]): the
+    tile's keys widened once, still by head dimension, for qk_tile to broadcast one at a time."""
     if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(blocks, types.Integer) and _f32_2d(dst)):
+        return None
+    if not _scales_ok(cache, ks, ksidx):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, blocks_v, dst_v = args
+        cache_v, cidx_v, blocks_v, dst_v, _, _ = args
         intp = context.get_value_type(types.intp)
         D, width = (_len(context, builder, sig.args[3], dst_v, axis) for axis in (0, 1))
         first = item_ptr(context, builder, sig.args[0], cache_v, sig.args[1], cidx_v)
         base = _data(context, builder, sig.args[3], dst_v)
         vty = ir.VectorType(_F32, _WIDE)
+        scales = _scale_ptr(context, builder, sig, args, 4)
         with cgutils.for_range(builder, context.cast(builder, blocks_v, sig.args[2], types.intp)) as block:
             src = builder.gep(first, [builder.mul(block.index, builder.mul(D, ir.Constant(intp, KEY_BLOCK)))])
             col = builder.mul(block.index, ir.Constant(intp, KEY_BLOCK))
-            with cgutils.for_range(builder, D) as dim:
-                row = builder.gep(src, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
-                at = builder.gep(base, [builder.add(builder.mul(dim.index, width), col)])
-                for part in range(0, KEY_BLOCK, _WIDE):
-                    v = _load_row(builder, cache.dtype, row, ir.Constant(intp, part), _WIDE)
-                    builder.store(v, builder.bitcast(builder.gep(at, [ir.Constant(intp, part)]), vty.as_pointer()),
-                                  align=4)
+            if cache.dtype == types.int8:  # quads [D / 4, KEY_BLOCK, 4]: each of 4 dimensions a lane in 4
+                fty, quad_ty = ir.VectorType(_F32, KEY_BLOCK), ir.VectorType(_I8, 4 * KEY_BLOCK)
+                factors = builder.gep(scales, [col])
+                factors = builder.load(builder.bitcast(factors, fty.as_pointer()), align=4)
+                with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, 4))) as quad:
+                    at = builder.gep(src, [builder.mul(quad.index, ir.Constant(intp, 4 * KEY_BLOCK))])
+                    keys = builder.load(builder.bitcast(at, quad_ty.as_pointer()), align=1)
+                    for j in range(4):
+                        lanes = ir.Constant(ir.VectorType(_I32, KEY_BLOCK), [4 * r + j for r in range(KEY_BLOCK)])
+                        v = builder.sitofp(builder.shuffle_vector(keys, keys, lanes), fty)
+                        dim = builder.add(builder.mul(quad.index, ir.Constant(intp, 4)), ir.Constant(intp, j))
+                        out = builder.gep(base, [builder.add(builder.mul(dim, width), col)])
+                        builder.store(builder.fmul(v, factors), builder.bitcast(out, fty.as_pointer()), align=4)
+            else:
+                with cgutils.for_range(builder, D) as dim:
+                    row = builder.gep(src, [builder.mul(dim.index, ir.Constant(intp, KEY_BLOCK))])
+                    at = builder.gep(base, [builder.add(builder.mul(dim.index, width), col)])
+                    for part in range(0, KEY_BLOCK, _WIDE):
+                        v = _load_row(builder, cache.dtype, row, ir.Constant(intp, part), _WIDE)
+                        builder.store(v, builder.bitcast(builder.gep(at, [ir.Constant(intp, part)]),
+                                                         vty.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, blocks, dst), codegen
+    return types.void(cache, cidx, blocks, dst, ks, ksidx), codegen
 
 
 @intrinsic

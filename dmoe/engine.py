@@ -31,7 +31,8 @@ from dmoe.supervisor import Supervisor, one_line
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
 
-KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16 is kept as IEEE half bits (see attention.py)
+# f16 is kept as IEEE half bits, q8 as int8 with an f32 scale a position and head (see attention.py)
+KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8": np.int8}
 
 
 class Command(enum.IntEnum):
@@ -68,10 +69,13 @@ class Engine:
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
-        k_cache, v_cache = (np.zeros(shape, KV_TYPES[kv_type]) for shape in attention.cache_shapes(
-            (cfg.num_hidden_layers, parallel), self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim))
-        self.kv_bytes = k_cache.nbytes + v_cache.nbytes
-        self.model = Model(cfg, self.plan, self.shard, self.weights, k_cache, v_cache, nthreads, self.is_root)
+        lead, n_kv = (cfg.num_hidden_layers, parallel), self.shard.n_kv_heads
+        caches = [np.zeros(shape, KV_TYPES[kv_type])
+                  for shape in attention.cache_shapes(lead, n_kv, self.max_seq_len, cfg.head_dim)]
+        caches += [np.zeros(shape, np.float32)
+                   for shape in attention.scale_shapes(lead, n_kv, self.max_seq_len if kv_type == "q8" else 0)]
+        self.kv_bytes = sum(a.nbytes for a in caches)
+        self.model = Model(cfg, self.plan, self.shard, self.weights, caches, nthreads, self.is_root)
         self.phase_seconds = self.model.phase_seconds
         self.slots: list[list[int]] = [[] for _ in range(parallel)]  # root: the ids whose keys and values are cached
         self._header = np.zeros(5, np.int64)

@@ -73,8 +73,11 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
     out = []
     seq = min(max_seq_len, cfg.max_position_embeddings)
     for shard in plan.shards:
-        shapes = attention.cache_shapes((cfg.num_hidden_layers, parallel), shard.n_kv_heads, seq, cfg.head_dim)
+        lead = (cfg.num_hidden_layers, parallel)
+        shapes = attention.cache_shapes(lead, shard.n_kv_heads, seq, cfg.head_dim)
         kv = sum(int(np.prod(shape)) for shape in shapes) * np.dtype(KV_TYPES[kv_type]).itemsize
+        if kv_type == "q8":
+            kv += sum(int(np.prod(shape)) for shape in attention.scale_shapes(lead, shard.n_kv_heads, seq)) * 4
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))

@@ -30,12 +30,17 @@ from .kernels_ir import (
     ISA_GENERIC,
     ISA_VNNI,
     ISA_VNNI512,
+    abs_if,
+    const_vec,
     index_ok,
     item_ptr,
     item_ptr_at,
     llvm_call,
+    maddubs,
     prefetch_line,
+    quad_dots,
     splat,
+    widen_pairs,
 )
 
 __all__ = ["stack_array", "quant_panel_dot", "decoded_block_dot", "super_block_dot", "SUPER_FORMATS", "super_geometry",
@@ -67,10 +72,6 @@ def _load(builder, ptr, ty: ir.Type, offset: int = 0):  # noqa: ANN001, ANN202
     return builder.load(builder.bitcast(p, ty.as_pointer()), align=1)
 
 
-def _const_vec(elem: ir.IntType, value: int, lanes: int) -> ir.Constant:
-    return ir.Constant(ir.VectorType(elem, lanes), [ir.Constant(elem, value)] * lanes)
-
-
 def _broadcast(builder, ptr, offset: int, elem: ir.IntType):  # noqa: ANN001, ANN202
     """The `elem`-sized group of bytes at ptr + offset, repeated to fill 32 bytes."""
     return builder.bitcast(
@@ -78,30 +79,11 @@ def _broadcast(builder, ptr, offset: int, elem: ir.IntType):  # noqa: ANN001, AN
     )
 
 
-def _pairwise_add(builder, v):  # noqa: ANN001, ANN202
-    """Lanes 2i and 2i+1 of v added: a vector of half the lanes."""
-    n = v.type.count
-    even = ir.Constant(ir.VectorType(_I32, n // 2), [ir.Constant(_I32, i) for i in range(0, n, 2)])
-    odd = ir.Constant(ir.VectorType(_I32, n // 2), [ir.Constant(_I32, i) for i in range(1, n, 2)])
-    return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
-
-
-def _widen_pairs(builder, pairs):  # noqa: ANN001, ANN202
-    """<8 x i32>: lanes 2i and 2i+1 of the <16 x i16> pairs added (vpmaddwd against ones)."""
-    return llvm_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), pairs, _const_vec(_I16, 1, 16))
-
-
 def _prefetch(builder, ptr, ahead: int, span: int) -> None:  # noqa: ANN001
     """Hint the cache lines of [ptr + ahead, ptr + ahead + span) in for reading (never faults)."""
     base = builder.bitcast(ptr, _I8.as_pointer())
     for off in range(ahead, ahead + span, 64):
         prefetch_line(builder, builder.gep(base, [ir.Constant(_I32, off)]))
-
-
-def _maddubs(builder, u, s):  # noqa: ANN001, ANN202
-    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] for <32 x i8> u (unsigned) and s (signed), saturated: x86's
-    vpmaddubsw (the kernels keep every pair sum within int16)."""
-    return llvm_call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), u, s)
 
 
 def _by_isa(context, builder, isa, emit, top: int = ISA_VNNI):  # noqa: ANN001, ANN202
@@ -162,29 +144,6 @@ def stack_array(n, dtype, shape):  # pragma: no cover - inlined into kernels
 # `w[widx]` is the first byte of the panel-block's payload; `xq[xrows[u], b]` the token's block.
 
 
-def _quads(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
-    """acc + <8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x
-    (signed). w is unsigned (0..127) when absw is None, else signed with absw = |w|. On x86 the unsigned
-    operand is w or |w| and the signed one x or x with w's sign (vpsignb); then vpdpbusd (VNNI) adds the
-    4-byte dots into acc in one instruction, or vpmaddubsw + vpmaddwd against ones + vpaddd (AVX2) do
-    (|w| <= 127: no pair saturates). Exact."""
-    if level:
-        u, s = (w, x) if absw is None else (absw, llvm_call(builder, "llvm.x86.avx2.psign.b", w.type, x, w))
-        if level == ISA_VNNI:
-            i32s = ir.VectorType(_I32, 8)
-            return llvm_call(builder, "llvm.x86.avx512.vpdpbusd.256", i32s, acc, builder.bitcast(u, i32s),
-                             builder.bitcast(s, i32s))
-        return builder.add(acc, _widen_pairs(builder, _maddubs(builder, u, s)))
-    wide = ir.VectorType(_I32, 32)
-    ws = builder.zext(w, wide) if absw is None else builder.sext(w, wide)
-    return builder.add(acc, _pairwise_add(builder, _pairwise_add(builder, builder.mul(ws, builder.sext(x, wide)))))
-
-
-def _abs_if(builder, level: int, v):  # noqa: ANN001, ANN202
-    """|v| for _quads' signed weights on AVX2 (computed once per weight vector, not per token)."""
-    return llvm_call(builder, "llvm.abs.v32i8", v.type, v, ir.Constant(ir.IntType(1), 0)) if level else v
-
-
 def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # noqa: ANN001, ANN202
     """Int32 sums of signed weight bytes times signed activation bytes for 8 rows: vectors first ..
     first + n_vec - 1 of 32 bytes at wptr, vector q holding weights 4q..4q+3 of each row. Returns one
@@ -192,9 +151,9 @@ def _i8_vectors(builder, level: int, wptr, xptrs, first: int, n_vec: int):  # no
     acc = [ir.Constant(ir.VectorType(_I32, 8), None) for _ in xptrs]
     for q in range(first, first + n_vec):
         v = _load(builder, wptr, ir.VectorType(_I8, 32), 32 * q)
-        absv = _abs_if(builder, level, v)
+        absv = abs_if(builder, level, v)
         for u, xp in enumerate(xptrs):
-            acc[u] = _quads(builder, level, v, absv, _broadcast(builder, xp, 4 * q, _I32), acc[u])
+            acc[u] = quad_dots(builder, level, v, absv, _broadcast(builder, xp, 4 * q, _I32), acc[u])
     return acc
 
 
@@ -380,9 +339,9 @@ def _lut(builder, level: int, idx):  # noqa: ANN001, ANN202
     table = ir.Constant(ir.VectorType(_I8, 32), [ir.Constant(_I8, v) for v in IQ4_GRID * 2])
     if level:
         return llvm_call(builder, "llvm.x86.avx2.pshuf.b", idx.type, table, idx)
-    out = _const_vec(_I8, IQ4_GRID[0], 32)
+    out = const_vec(_I8, IQ4_GRID[0], 32)
     for k in range(1, 16):
-        out = builder.select(builder.icmp_unsigned("==", idx, _const_vec(_I8, k, 32)), _const_vec(_I8, IQ4_GRID[k], 32),
+        out = builder.select(builder.icmp_unsigned("==", idx, const_vec(_I8, k, 32)), const_vec(_I8, IQ4_GRID[k], 32),
                              out)
     return out
 
@@ -396,7 +355,7 @@ def _super_planes(builder, level: int, bits: int, lut: bool, pays, v: int, n: in
         return _concat(builder, *vecs) if len(vecs) == 2 else vecs[0]
 
     def c(value: int):  # noqa: ANN202
-        return _const_vec(_I8, value, n)
+        return const_vec(_I8, value, n)
 
     nib = load(32 * v)
     lo, hi = builder.and_(nib, c(0x0F)), builder.lshr(nib, c(4))
@@ -425,16 +384,16 @@ def _half_sums(builder, level: int, bits: int, lut: bool, pay, xptrs):  # noqa: 
     pairs = [[None for _ in xptrs] for _ in range(2)]
     for v in range(4):
         for h, q in enumerate(_super_planes(builder, level, bits, lut, (pay,), v, 32)):
-            absq = _abs_if(builder, level, q) if lut else None
+            absq = abs_if(builder, level, q) if lut else None
             for u, xp in enumerate(xptrs):
                 x = _broadcast(builder, xp, 16 * h + 4 * v, _I32)
                 if run == 1:
-                    sums[h][u] = _quads(builder, level, q, absq, x, sums[h][u])
+                    sums[h][u] = quad_dots(builder, level, q, absq, x, sums[h][u])
                     continue
-                more = _maddubs(builder, q, x)
+                more = maddubs(builder, q, x)
                 pairs[h][u] = more if v % run == 0 else builder.add(pairs[h][u], more)
                 if v % run == run - 1:
-                    sums[h][u] = builder.add(sums[h][u], _widen_pairs(builder, pairs[h][u]))
+                    sums[h][u] = builder.add(sums[h][u], widen_pairs(builder, pairs[h][u]))
     return sums
 
 
@@ -594,7 +553,7 @@ def float_rows_dot(typingctx, w, widx, x, xidx, acc, aidx, lanes):
                 vals = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), f32s)
             elif w.dtype == types.int16:
                 wide = builder.zext(builder.bitcast(raw, ir.VectorType(_I16, n)), ir.VectorType(_I32, n))
-                vals = builder.bitcast(builder.shl(wide, _const_vec(_I32, 16, n)), f32s)
+                vals = builder.bitcast(builder.shl(wide, const_vec(_I32, 16, n)), f32s)
             else:
                 vals = raw
             xv = splat(builder, builder.load(builder.gep(xptr, [loop.index])), n)

@@ -101,10 +101,11 @@ class RunState:
 class Layer:
     """One decoder layer of one rank: its weights and its part of the KV cache."""
 
-    def __init__(self, cfg: ModelConfig, shard: RankShard, w: LayerWeights, k_cache: np.ndarray,
-                 v_cache: np.ndarray, broadcast_routing: bool) -> None:
+    def __init__(self, cfg: ModelConfig, shard: RankShard, w: LayerWeights, caches: list[np.ndarray],
+                 broadcast_routing: bool) -> None:
         self.cfg, self.shard, self.w = cfg, shard, w
-        self.k_cache, self.v_cache = k_cache, v_cache  # attention.cache_shapes: f32, or f16 bits in uint16
+        # keys, values (attention.cache_shapes: f32, f16 bits in uint16 or int8) and an int8 cache's scales
+        self.caches = caches
         self.expert_offset = shard.experts[0]
         self.broadcast_routing = broadcast_routing  # the root's choices travel; else every rank routes
         self.n_local_experts = shard.experts[1] - shard.experts[0]
@@ -123,14 +124,14 @@ class Layer:
             cos, sin = rope
             ops.qk_norm_rope(q, H, w.q_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
             ops.qk_norm_rope(k, Hkv, w.k_norm, cfg.rms_norm_eps, cos, sin, batch.positions)
-            attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slots, batch.positions)
+            attention.store_kv(k, v, *self.caches, batch.slots, batch.positions)
             if tiles is not None:
-                attention.attend_tiles(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, tiles,
+                attention.attend_tiles(q, st.heads, *self.caches, batch.slots, batch.positions, tiles,
                                        st.tile_scores, st.tile_norms, st.tile_q, st.tile_out, st.tile_rows,
                                        st.attn[:T])
             else:
-                attention.attend(q, st.heads, self.k_cache, self.v_cache, batch.slots, batch.positions, st.scores,
-                                 st.norms, st.attn[:T])
+                attention.attend(q, st.heads, *self.caches, batch.slots, batch.positions, st.scores, st.norms,
+                                 st.attn[:T])
             w.o.matmul(st.attn[:T], o)
         else:
             o[:] = 0.0
@@ -164,15 +165,16 @@ class Layer:
 
 
 class Model:
-    """The forward pass over this rank's shard: its layers, their part of the KV cache (attention.cache_shapes with
-    leading axes [L, P]), and the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
+    """The forward pass over this rank's shard: its layers, their part of the KV cache (keys, values and an int8
+    cache's scales: attention.cache_shapes and scale_shapes with leading axes [L, P]), and
+    the step buffers (one RunState for decode batches, one for the largest prefill seen)."""
 
     def __init__(self, cfg: ModelConfig, plan: ShardPlan, shard: RankShard, weights: ModelWeights,
-                 k_cache: np.ndarray, v_cache: np.ndarray, nthreads: int, is_root: bool) -> None:
+                 caches: list[np.ndarray], nthreads: int, is_root: bool) -> None:
         self.cfg, self.plan, self.shard, self.weights, self.is_root = cfg, plan, shard, weights, is_root
-        self.k_cache, self.v_cache, self.nthreads = k_cache, v_cache, nthreads
-        self.max_seq_len = v_cache.shape[3]
-        self.layers = [Layer(cfg, shard, w, k_cache[i], v_cache[i], plan.routing == "root")
+        self.nthreads = nthreads
+        self.max_seq_len = caches[1].shape[3]
+        self.layers = [Layer(cfg, shard, w, [c[i] for c in caches], plan.routing == "root")
                        for i, w in enumerate(weights.layers)]
         self.rope = ops.rope_tables(cfg.head_dim, cfg.rope_theta, self.max_seq_len)
         self._states: dict[int, RunState] = {}

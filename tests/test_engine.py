@@ -148,12 +148,19 @@ def test_prefix_reuse_after_truncate(model_file) -> None:
     assert np.abs(reused - fresh).max() <= 1e-5 * np.abs(fresh).max()
 
 
-def test_f16_kv_cache_stays_close(model_file) -> None:
+@pytest.mark.parametrize(("kv_type", "typical", "worst"), [("f16", 2e-3, 5e-3), ("q8", 3e-2, 0.2)])
+def test_compact_kv_caches_stay_close(kv_type: str, typical: float, worst: float, model_file) -> None:
+    """The f16 and int8 caches' logits against the f32 cache's, the prompt by tiles and then token by token: each
+    row's largest error relative to its largest logit, the median row's and the worst (measured: f16 0.05% and
+    0.1%, int8 1.4% and 11%; the kernels are exact against their own rounding in test_attention)."""
     logits = {}
-    for kv in ("f32", "f16"):
-        eng = Engine.load(model_file("c", "f32"), max_seq_len=64, kv_type=kv, nthreads=2)
-        logits[kv] = eng.forward(_ids(512, 30, 6), all_logits=True)
-    assert np.abs(logits["f16"] - logits["f32"]).max() <= 5e-3 * np.abs(logits["f32"]).max()
+    for kv in ("f32", kv_type):
+        eng = Engine.load(model_file("c", "f32"), max_seq_len=320, kv_type=kv, nthreads=2)
+        ids = _ids(512, SHARED_STEP_TOKENS + 20, 6)
+        logits[kv] = np.concatenate([eng.forward(ids[:-10], all_logits=True)]
+                                    + [eng.forward([t]) for t in ids[-10:]])
+    rows = np.abs(logits[kv_type] - logits["f32"]).max(1) / np.abs(logits["f32"]).max(1)
+    assert np.median(rows) <= typical and rows.max() <= worst
 
 
 def test_context_limit_and_bad_ids(model_file) -> None:
