@@ -38,7 +38,7 @@ def main() -> None:
     for n in args.depth:
         one = [np.zeros(shape, KV_TYPES[args.kv_type]) for shape in attention.cache_shapes((1,), Hkv, n, D)]
         one += [np.zeros(shape, np.float32)
-                for shape in attention.scale_shapes((1,), Hkv, n if args.kv_type == "q8" else 0)]
+                for shape in attention.scale_shapes((1,), Hkv, n if args.kv_type == "q8" else 0, D)]
         k, v = rng.standard_normal((2, n, Hkv * D)).astype(np.float32)
         attention.store_kv(k, v, *one, np.zeros(n, np.int64), np.arange(n))
         caches = [np.empty((layers, *a.shape), a.dtype) for a in one]  # every layer's: the same values

@@ -4,13 +4,14 @@ The caches hold P sequence slots a layer (cache_shapes), f32, f16 or int8: value
 [P, Hkv, ceil(S / 16), D, 16] in blocks of 16 positions whose values of one head dimension lie side by side (so that
 a block's scores are lane vectors, attention_simd.qk_block). numba has no float16, so the f16 cache holds IEEE half
 bit patterns in uint16 (rounded to nearest, ties to even, as numpy casts); the inner loops (attention_simd.py) widen
-them in registers. An int8 cache (q8) keeps one f32 scale a position and head (scale_shapes), its key blocks in quads
-of head dimensions (qk_block's integer dot products, against queries quantised to bytes a head). A step's tokens may
-belong to several sequences (a batch): each token carries its slot and position. Work is split by (token, KV head):
-each key and value is read once for the whole group of query heads that share it, which are register tiles of up to 8
-heads. Values are summed in blocks of positions whose rows stay in L1 while every 8- or 16-value slice of the output
-is accumulated. Emerald Rapids, 2 threads, 30B-A3B shapes at 4,096 positions (bench/bench_attention.py): 0.51 -> 0.41
-ms a layer with the cache in the CPU's caches, 0.62-0.72 -> 0.54 with every layer's from RAM, as decode reads them.
+them in registers. An int8 cache (q8) keeps one f32 scale a 32 values of a position and head (scale_shapes), its key
+blocks in quads of head dimensions (qk_block's integer dot products, against queries quantised to bytes a 32 values).
+A step's tokens may belong to several sequences (a batch): each token carries its slot and position. Work is split by
+(token, KV head): each key and value is read once for the whole group of query heads that share it, which are
+register tiles of up to 8 heads. Values are summed in blocks of positions whose rows stay in L1 while every 8- or
+16-value slice of the output is accumulated. Emerald Rapids, 2 threads, 30B-A3B shapes at 4,096 positions
+(bench/bench_attention.py): 0.51 -> 0.41 ms a layer with the cache in the CPU's caches, 0.62-0.72 -> 0.54 with every
+layer's from RAM, as decode reads them.
 
 A long prompt's tokens go in tiles (`attend_tiles`): up to TILE_LANES // group consecutive tokens of one
 sequence and the query heads they read of one KV head, 32 (token, head) lanes in all, against blocks of cache
@@ -32,6 +33,7 @@ from numba.extending import overload
 
 from .attention_simd import (
     KEY_BLOCK,
+    SCALE_GROUP,
     TILE_LANES,
     half_bits,
     pv_add,
@@ -64,10 +66,14 @@ def cache_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tup
     return (*slots, n_kv, padded(S) // KEY_BLOCK, D, KEY_BLOCK), (*slots, n_kv, S, D)
 
 
-def scale_shapes(slots: tuple[int, ...], n_kv: int, S: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """An int8 cache's scales (one a position and head, f32): keys' [*slots, n_kv, padded(S) / KEY_BLOCK, KEY_BLOCK],
-    values' [*slots, n_kv, S]; S = 0 gives the empty arrays the other caches pass."""
-    return (*slots, n_kv, padded(S) // KEY_BLOCK, KEY_BLOCK), (*slots, n_kv, S)
+def scale_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """An int8 cache's scales (f32, one a SCALE_GROUP values of a position and head; D a multiple of it): keys'
+    [*slots, n_kv, padded(S) / KEY_BLOCK, D / SCALE_GROUP, KEY_BLOCK], values' [*slots, n_kv, S, D / SCALE_GROUP];
+    S = 0 gives the empty arrays the other caches pass."""
+    if S and D % SCALE_GROUP:
+        raise ValueError(f"an int8 KV cache needs a head dimension that is a multiple of {SCALE_GROUP}, not {D}")
+    groups = D // SCALE_GROUP
+    return (*slots, n_kv, padded(S) // KEY_BLOCK, groups, KEY_BLOCK), (*slots, n_kv, S, groups)
 
 
 def scratch_width(group: int) -> int:
@@ -90,15 +96,37 @@ def tile_tokens(group: int) -> int:
     return TILE_LANES // group
 
 
-def _row_scale(row, cache):  # pragma: no cover - typed by the overload below
-    """The scale an int8 cache keeps for a row of values (its largest magnitude / 127; 1 for other caches)."""
+def _group(D, cache):  # pragma: no cover - typed by the overload below
+    """The values a scale covers: SCALE_GROUP in an int8 cache; all D in the others (which keep no scales)."""
 
 
-@overload(_row_scale, inline="always")
-def _row_scale_impl(row, cache):
+@overload(_group, inline="always")
+def _group_impl(D, cache):
     if cache.dtype == numba.types.int8:
-        return lambda row, cache: np.float32(np.abs(row).max() / np.float32(127.0))
-    return lambda row, cache: np.float32(1.0)
+        return lambda D, cache: SCALE_GROUP
+    return lambda D, cache: D
+
+
+@numba.njit(inline="always")
+def _int8_scale(run):  # pragma: no cover - inlined
+    """The scale of a run of values in int8 (its largest magnitude / 127) and its inverse (0 for a run of zeros):
+    the one rule for keys, values and decode's queries."""
+    top = np.float32(0.0)
+    for x in run:  # (np.abs(run).max() allocated an array for each run: 12 us a layer for 32 query heads)
+        top = max(top, abs(x))
+    s = top / np.float32(127.0)
+    return s, np.float32(1.0) / s if s > 0 else np.float32(0.0)
+
+
+def _run_scale(run, cache):  # pragma: no cover - typed by the overload below
+    """(scale, inverse) an int8 cache keeps for a run of values (_int8_scale); (1, 1) for the other caches."""
+
+
+@overload(_run_scale, inline="always")
+def _run_scale_impl(run, cache):
+    if cache.dtype == numba.types.int8:
+        return lambda run, cache: _int8_scale(run)
+    return lambda run, cache: (np.float32(1.0), np.float32(1.0))
 
 
 def _cached(x, inv, cache):  # pragma: no cover - typed by the overload below
@@ -143,22 +171,22 @@ def _key_spot_impl(d, r, cache):
 
 
 def _queries(q, D, scale, cache):  # pragma: no cover - typed by the overload below
-    """The step's queries as qk_block reads them for `cache`, and each head's factor: q itself and 1 / sqrt(D) for
-    f16 and f32 caches; for an int8 one, room for bytes and factors that _quantise fills."""
+    """The step's queries as qk_block reads them for `cache`, and their factors [T, H * D / group] (_group): q itself
+    and 1 / sqrt(D) a head for f16 and f32 caches; for an int8 one, room for bytes and factors that _quantise fills."""
 
 
 @overload(_queries, inline="always")
 def _queries_impl(q, D, scale, cache):
     if cache.dtype == numba.types.int8:
         return lambda q, D, scale, cache: (np.empty(q.shape, np.uint8),
-                                           np.empty((q.shape[0], q.shape[1] // D), np.float32))
+                                           np.empty((q.shape[0], q.shape[1] // SCALE_GROUP), np.float32))
     return lambda q, D, scale, cache: (q, np.full((q.shape[0], q.shape[1] // D), scale, np.float32))
 
 
 def _quantise(q, qx, qs, t, h0, ng, D, scale):  # pragma: no cover - typed by the overload below
     """Query heads h0 .. h0 + ng - 1 of token t as bytes for an int8 cache's qk_block: qx = rint(q * (1 / s)) + 128
-    with s = the head's largest magnitude / 127 (as store_kv quantises a key), and qs[t, h] = s / sqrt(D). Nothing
-    for the other caches."""
+    with s = the largest magnitude of the SCALE_GROUP values / 127 (as store_kv quantises a key), and qs[t, h * D /
+    SCALE_GROUP + c] = s / sqrt(D) for each run c of them. Nothing for the other caches."""
 
 
 @overload(_quantise, inline="always")
@@ -167,33 +195,13 @@ def _quantise_impl(q, qx, qs, t, h0, ng, D, scale):
         return lambda q, qx, qs, t, h0, ng, D, scale: None
 
     def quantise(q, qx, qs, t, h0, ng, D, scale):
-        for h in range(h0, h0 + ng):
-            row = q[t, h * D:(h + 1) * D]
-            s = np.abs(row).max() / np.float32(127.0)
-            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-            qs[t, h] = scale * s
-            for d in range(D):
-                qx[t, h * D + d] = np.uint8(np.int32(np.rint(row[d] * inv)) + 128)
+        for i in range(h0 * D // SCALE_GROUP, (h0 + ng) * D // SCALE_GROUP):
+            run = q[t, i * SCALE_GROUP:(i + 1) * SCALE_GROUP]
+            s, inv = _int8_scale(run)
+            qs[t, i] = scale * s
+            for d in range(SCALE_GROUP):
+                qx[t, i * SCALE_GROUP + d] = np.uint8(np.int32(np.rint(run[d] * inv)) + 128)
     return quantise
-
-
-def _fold_scales(sc, rows, n, v_scales, slot, kvh, cache):  # pragma: no cover - typed by the overload below
-    """sc[:rows, j] *= an int8 cache's value scale of position j, j < n: the weights carry the scales, so that the
-    value sum widens the cache's bytes as they are (pv_add). Nothing for the other caches."""
-
-
-@overload(_fold_scales, inline="always")
-def _fold_scales_impl(sc, rows, n, v_scales, slot, kvh, cache):
-    if cache.dtype != numba.types.int8:
-        return lambda sc, rows, n, v_scales, slot, kvh, cache: None
-
-    def fold(sc, rows, n, v_scales, slot, kvh, cache):
-        scales = v_scales[slot, kvh]
-        for g in range(rows):
-            row = sc[g]
-            for j in range(n):
-                row[j] *= scales[j]
-    return fold
 
 
 @numba.njit(cache=True, nogil=True)
@@ -203,53 +211,58 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
     scale_shapes): token t at slot slots[t], position positions[t] (no bounds checks, as in attend: the engine
     checks both). numpy's fancy-indexed assignment of the same took 20-21 us a layer for one token, this 4-10."""
     _, n_kv, _, D = v_cache.shape
+    group = _group(D, k_cache)
     for t in range(k.shape[0]):
         s, p = slots[t], positions[t]
         b, r = p // KEY_BLOCK, p % KEY_BLOCK
         for h in range(n_kv):
-            ks, vs = _row_scale(k[t, h * D:(h + 1) * D], k_cache), _row_scale(v[t, h * D:(h + 1) * D], v_cache)
-            _keep_scale(k_scales, (s, h, b, r), ks, k_cache)
-            _keep_scale(v_scales, (s, h, p), vs, v_cache)
-            kinv = np.float32(1.0) / ks if ks > 0 else np.float32(0.0)
-            vinv = np.float32(1.0) / vs if vs > 0 else np.float32(0.0)
-            for d in range(D):
-                row, col = _key_spot(d, r, k_cache)
-                k_cache[s, h, b, row, col] = _cached(k[t, h * D + d], kinv, k_cache)
-                v_cache[s, h, p, d] = _cached(v[t, h * D + d], vinv, v_cache)
+            for c in range(D // group):
+                lo = h * D + c * group
+                ks, kinv = _run_scale(k[t, lo:lo + group], k_cache)
+                vs, vinv = _run_scale(v[t, lo:lo + group], v_cache)
+                _keep_scale(k_scales, (s, h, b, c, r), ks, k_cache)
+                _keep_scale(v_scales, (s, h, p, c), vs, v_cache)
+                for d in range(c * group, (c + 1) * group):
+                    row, col = _key_spot(d, r, k_cache)
+                    k_cache[s, h, b, row, col] = _cached(k[t, h * D + d], kinv, k_cache)
+                    v_cache[s, h, p, d] = _cached(v[t, h * D + d], vinv, v_cache)
 
 
 @numba.njit(inline="always")
-def _scores(k_cache, k_scales, slot, kvh, b, q, qs, t, h0, ng, D, sc, ahead):  # pragma: no cover - inlined
+def _scores(k_cache, k_scales, slot, kvh, b, q, qs, per, t, h0, ng, D, sc, ahead):  # pragma: no cover - inlined
     """sc[:ng, block b's positions] = the scores of key block b for query heads h0 .. h0 + ng - 1: 8, 4, then 1 at
     a time (the first call hints the block `ahead` values on)."""
     g = 0
     while ng - g >= 8:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
-                 8, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, (h0 + g) * per), sc,
+                 (g, b * KEY_BLOCK), 8, k_scales, (slot, kvh, b, 0, 0), ahead if g == 0 else 0)
         g += 8
     if ng - g >= 4:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
-                 4, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, (h0 + g) * per), sc,
+                 (g, b * KEY_BLOCK), 4, k_scales, (slot, kvh, b, 0, 0), ahead if g == 0 else 0)
         g += 4
     while g < ng:
-        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, h0 + g), sc, (g, b * KEY_BLOCK),
-                 1, k_scales, (slot, kvh, b, 0), ahead if g == 0 else 0)
+        qk_block(k_cache, (slot, kvh, b, 0, 0), q, (t, (h0 + g) * D), qs, (t, (h0 + g) * per), sc,
+                 (g, b * KEY_BLOCK), 1, k_scales, (slot, kvh, b, 0, 0), ahead if g == 0 else 0)
         g += 1
 
 
 @numba.njit(inline="always")
-def _values(v_cache, slot, kvh, j0, m, sc, out, t, h0, ng, D, ahead):  # pragma: no cover - inlined
+def _values(v_cache, v_scales, slot, kvh, j0, m, sc, out, t, h0, ng, D, ahead):  # pragma: no cover - inlined
     """out[t, heads h0 .. h0 + ng - 1] += positions j0 .. j0 + m - 1 of V, weighted by sc: 8, 4, then 1 at a time
     (the first call hints the rows `ahead` positions on)."""
     g = 0
     while ng - g >= 8:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 8, ahead if g == 0 else 0)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 8, ahead if g == 0 else 0,
+               v_scales, (slot, kvh, j0, 0))
         g += 8
     if ng - g >= 4:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 4, ahead if g == 0 else 0)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 4, ahead if g == 0 else 0,
+               v_scales, (slot, kvh, j0, 0))
         g += 4
     while g < ng:
-        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 1, ahead if g == 0 else 0)
+        pv_add(v_cache, (slot, kvh, j0, 0), m, sc, (g, j0), out, (t, (h0 + g) * D), 1, ahead if g == 0 else 0,
+               v_scales, (slot, kvh, j0, 0))
         g += 1
 
 
@@ -258,14 +271,15 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
            v_scales: np.ndarray, slots: np.ndarray, positions: np.ndarray, scores: np.ndarray, norms: np.ndarray,
            out: np.ndarray) -> None:
     """out [T, H*D] = softmax(q k^T / sqrt(D)) v per query head, token t seeing positions 0..positions[t] of
-    cache slot slots[t]. q [T, H*D]; caches as cache_shapes gives them (D a multiple of 8), their scales as
-    scale_shapes does (read for an int8 cache only: its queries go to bytes, a scale a head); heads [Hkv, 2]: the
-    query heads [start, stop) reading each KV head; scores [threads, Gp, padded(S)] and norms [threads, Gp] are
-    per-thread scratch (Gp >= the heads of a group, a multiple of 8)."""
+    cache slot slots[t]. q [T, H*D]; caches as cache_shapes gives them (D a multiple of 8; of SCALE_GROUP for int8),
+    their scales as scale_shapes does (read for an int8 cache only: its queries go to bytes, a scale a SCALE_GROUP
+    values); heads [Hkv, 2]: the query heads [start, stop) reading each KV head; scores [threads, Gp, padded(S)]
+    and norms [threads, Gp] are per-thread scratch (Gp >= the heads of a group, a multiple of 8)."""
     T = q.shape[0]
     _, n_kv, _, D = v_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     qx, qs = _queries(q, D, scale, k_cache)
+    per = qs.shape[1] * D // q.shape[1]  # query factors a head
     for task in numba.prange(T * n_kv):
         # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
         # the causal mask, so prange's equal contiguous chunks of tasks are equal work
@@ -279,13 +293,12 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
         blocks = (n + KEY_BLOCK - 1) // KEY_BLOCK
         for b in range(blocks):
             ahead = _AHEAD * D * KEY_BLOCK if b + _AHEAD < blocks else 0  # values to the block to hint, 0: none
-            _scores(k_cache, k_scales, slot, kvh, b, qx, qs, t, h0, ng, D, sc, ahead)
+            _scores(k_cache, k_scales, slot, kvh, b, qx, qs, per, t, h0, ng, D, sc, ahead)
         softmax_rows(sc, ng, n, norm)
-        _fold_scales(sc, ng, n, v_scales, slot, kvh, v_cache)
         out[t, h0 * D:(h0 + ng) * D] = 0.0
         for j0 in range(0, n, _BLOCK):
             ahead = _BLOCK if j0 + _BLOCK < n else 0  # rows
-            _values(v_cache, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D, ahead)
+            _values(v_cache, v_scales, slot, kvh, j0, min(_BLOCK, n - j0), sc, out, t, h0, ng, D, ahead)
         for g in range(ng):
             out[t, (h0 + g) * D:(h0 + g + 1) * D] *= norm[g]
 
@@ -336,7 +349,7 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
             widen_keys(k_cache, (slot, kvh, j0 // KEY_BLOCK, 0, 0), (block + KEY_BLOCK - 1) // KEY_BLOCK, keys,
-                       k_scales, (slot, kvh, j0 // KEY_BLOCK, 0))
+                       k_scales, (slot, kvh, j0 // KEY_BLOCK, 0, 0))
             qk_tile(keys, block, qtt, sc, (j0, 0))
         for u in range(c - 1):  # token u sees positions up to first + u
             for j in range(first + u + 1, n):
@@ -346,7 +359,7 @@ def attend_tiles(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache:
         ac[:] = 0.0
         for j0 in range(0, n, TILE_ROWS):
             block = min(TILE_ROWS, n - j0)
-            widen_rows(v_cache, (slot, kvh, j0, 0), block, values, v_scales, (slot, kvh, j0))
+            widen_rows(v_cache, (slot, kvh, j0, 0), block, values, v_scales, (slot, kvh, j0, 0))
             pv_tile(values, block, sc, (j0, 0), ac)
         for u in range(c):
             for g in range(ng):

@@ -41,7 +41,7 @@ from .kernels_ir import (
     splat,
 )
 
-__all__ = ["LANES", "TILE_LANES", "KEY_BLOCK", "half_bits", "qk_block", "softmax_rows", "softmax_exp",
+__all__ = ["LANES", "TILE_LANES", "KEY_BLOCK", "SCALE_GROUP", "half_bits", "qk_block", "softmax_rows", "softmax_exp",
            "pv_add", "widen_rows", "widen_keys", "qk_tile", "pv_tile"]
 
 LANES = 8  # f32 lanes of a vector (of positions' scores, of a head's output); D (a multiple of 8) goes 8 at a time,
@@ -61,6 +61,9 @@ _HINT_LEVEL = 2
 # The key cache holds blocks of KEY_BLOCK positions, each head dimension's values of the block side by side
 # ([..., D, KEY_BLOCK]): the positions are lanes of one vector (qk_block), 16 or two vectors of 8.
 KEY_BLOCK = 16
+# An int8 cache keeps one scale a SCALE_GROUP values of a position and head (llama.cpp's q8_0 blocks): a channel
+# several times larger than the rest then coarsens only its own group (bench_kv_precision.py).
+SCALE_GROUP = 32
 
 
 def _itemsize(context, cache) -> int:  # noqa: ANN001
@@ -72,15 +75,9 @@ def _cache_ok(cache) -> bool:  # noqa: ANN001 - a numba type
     return isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32, types.int8)
 
 
-def _float_cache(cache) -> bool:  # noqa: ANN001 - a numba type
-    return isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32)
-
-
-def _scales_ok(cache, scales, sidx) -> bool:  # noqa: ANN001 - numba types
-    """Whether scales[sidx] can be the f32 scales of an int8 cache's values (any array will do for the others:
-    they are not read)."""
-    return (isinstance(scales, types.Array) and scales.dtype == types.float32 and index_ok(scales, sidx)
-            and _cache_ok(cache))
+def _f32_at(arr, idx) -> bool:  # noqa: ANN001 - numba types
+    """Whether arr[idx] is an f32 element (the scales and query factors an intrinsic reads from there on)."""
+    return isinstance(arr, types.Array) and arr.dtype == types.float32 and index_ok(arr, idx)
 
 
 def _load_row(builder, cache_dtype, ptr, start, width: int = LANES):  # noqa: ANN001, ANN202
@@ -100,6 +97,14 @@ def _scale_ptr(context, builder, sig, args, at: int):  # noqa: ANN001, ANN202
     """The address of scales[sidx], the intrinsic's arguments `at` and `at + 1`."""
     return builder.bitcast(item_ptr(context, builder, sig.args[at], args[at], sig.args[at + 1], args[at + 1]),
                            _F32.as_pointer())
+
+
+def _run_scale(context, builder, sig, args, at: int, row, start, D):  # noqa: ANN001, ANN202
+    """An int8 cache's scale of the SCALE_GROUP values holding head dimension `start` of the row `row` rows on from
+    scales[sidx] ([..., D / SCALE_GROUP] a row), the intrinsic's arguments `at` and `at + 1`."""
+    groups = builder.udiv(D, ir.Constant(D.type, SCALE_GROUP))
+    spot = builder.add(builder.mul(row, groups), builder.udiv(start, ir.Constant(D.type, SCALE_GROUP)))
+    return builder.load(builder.gep(_scale_ptr(context, builder, sig, args, at), [spot]))
 
 
 def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
@@ -150,14 +155,16 @@ def half_bits(typingctx, x):
 def qk_block(typingctx, cache, cidx, q, qidx, qs, qsidx, sc, sidx, width, ks, ksidx, ahead):
     """sc[sidx + (g, r)] = qs[qsidx + g] * (key r of the block at cidx) . q[qidx + (0, g * D) : + D] for g < width
     (1..8, a literal) and r < KEY_BLOCK: a block of the key cache against `width` query heads, each with its factor
-    qs (1 / sqrt(D), and an int8 cache's query scale); sc [Gp, S] holds each head's scores in a row. An f16 or f32
-    cache's block is [D, KEY_BLOCK] (each head dimension's values of the block's positions side by side), an int8
-    one's is in quads [D / 4, KEY_BLOCK, 4], scaled by ks[ksidx + r], with queries as bytes (_byte_scores).
-    ahead: hint the block that many elements on into the cache, a line at a time over the loop (0: none)."""
+    qs (1 / sqrt(D)); sc [Gp, S] holds each head's scores in a row. An f16 or f32 cache's block is [D, KEY_BLOCK]
+    (each head dimension's values of the block's positions side by side). An int8 one's is in quads [D / 4,
+    KEY_BLOCK, 4] with scales ks[ksidx + (c, r)] for each run c of SCALE_GROUP dimensions, its queries bytes with
+    factors qs[qsidx + g * D / SCALE_GROUP + c] (1 / sqrt(D) times their scale): the sum over c of qs * ks * the
+    run's integer dot product (_byte_scores). ahead: hint the block that many elements on into the cache, a line at
+    a time over the loop (0: none)."""
     n = _tile_width(width)
     if not (n and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(q, qidx) and index_ok(sc, sidx)):
         return None
-    if not (_scales_ok(cache, qs, qsidx) and _scales_ok(cache, ks, ksidx)):
+    if not (_f32_at(qs, qsidx) and _f32_at(ks, ksidx)):
         return None
     if q.dtype != (types.uint8 if cache.dtype == types.int8 else types.float32):
         return None
@@ -212,15 +219,15 @@ def _byte_scores(context, builder, sig, args, n: int) -> None:  # noqa: ANN001
     head, 64 multiply-adds in an instruction where f16 keys take 16 and a widening. The queries are unsigned bytes
     (the query's int8 + 128: vpdpbusd's unsigned operand is the broadcast one), so the sums lose 128 * each
     position's key bytes' sum (one more vpdpbusd a key vector, against ones); AVX2's vpmaddubsw, whose pairs would
-    saturate, takes the query back to int8 and the keys' signs instead. The integer sums are exact: every lowering
-    gives the same scores."""
-    cache_v, cidx_v, qb_v, qidx_v, qs_v, qsidx_v, sc_v, sidx_v, _, ks_v, ksidx_v, ahead_v = args
+    saturate, takes the query back to int8 and the keys' signs instead. The integer sums of a run of SCALE_GROUP
+    dimensions are exact (every lowering gives the same scores), then scaled and added in f32."""
+    cache_v, cidx_v, qb_v, qidx_v, _, _, sc_v, sidx_v, _, _, _, ahead_v = args
     intp = context.get_value_type(types.intp)
     wide = _WIDE == 16 and HOST_ISA == ISA_VNNI512  # 512-bit vpdpbusd, else 256-bit vectors
     level = HOST_ISA if wide else min(HOST_ISA, ISA_VNNI)
     lanes = 16 if wide else 8  # positions a vector
     i8p = _I8.as_pointer()
-    bytes_ty, i32s = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes)
+    bytes_ty, i32s, fty = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
 
     def dots(u, s, acc):  # noqa: ANN001, ANN202 - acc + the 4-byte dots of unsigned u and signed s
         if wide:
@@ -235,43 +242,62 @@ def _byte_scores(context, builder, sig, args, n: int) -> None:  # noqa: ANN001
     qp = builder.bitcast(item_ptr(context, builder, sig.args[2], qb_v, sig.args[3], qidx_v), i8p)
     heads = [builder.bitcast(builder.gep(qp, [builder.mul(D, ir.Constant(intp, g))]), _I32.as_pointer())
              for g in range(n)]
-    parts = KEY_BLOCK // lanes
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(i32s, None)) for _ in range(parts)] for _ in range(n)]
-    sums = [cgutils.alloca_once_value(builder, ir.Constant(i32s, None)) for _ in range(parts)]
-    with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, 4))) as quad:
-        line = builder.gep(block, [builder.mul(quad.index, ir.Constant(intp, 4 * KEY_BLOCK))])
-        with builder.if_then(wanted):
-            prefetch_line(builder, builder.gep(line, [ahead]), _HINT_LEVEL)
-        for p in range(parts):
-            keys = builder.load(builder.bitcast(builder.gep(line, [ir.Constant(intp, 4 * lanes * p)]),
-                                                bytes_ty.as_pointer()), align=1)
-            if level == ISA_AVX2:
-                magnitudes = abs_if(builder, level, keys)
-            else:
-                builder.store(dots(const_vec(_I8, 1, 4 * lanes), keys, builder.load(sums[p])), sums[p])
-            for head, acc in zip(heads, accs, strict=True):
-                q4 = builder.bitcast(splat(builder, builder.load(builder.gep(head, [quad.index]), align=1), lanes),
-                                     bytes_ty)
-                if level == ISA_AVX2:
-                    signed = builder.xor(q4, const_vec(_I8, -128, 4 * lanes))
-                    builder.store(quad_dots(builder, level, keys, magnitudes, signed, builder.load(acc[p])), acc[p])
-                else:
-                    builder.store(dots(q4, keys, builder.load(acc[p])), acc[p])
     stride = _len(context, builder, sig.args[6], sc_v, 1)
     out0 = builder.bitcast(item_ptr(context, builder, sig.args[6], sc_v, sig.args[7], sidx_v), _F32.as_pointer())
     factors = _scale_ptr(context, builder, sig, args, 4)
     key_scales = _scale_ptr(context, builder, sig, args, 9)
-    fty = ir.VectorType(_F32, lanes)
-    for p in range(parts):
+    runs = builder.udiv(D, ir.Constant(intp, SCALE_GROUP))
+    # the key scales `ahead` bytes of keys on: as many blocks on, each runs * KEY_BLOCK scales
+    scales_ahead = builder.mul(builder.udiv(ahead, builder.mul(D, ir.Constant(intp, KEY_BLOCK))),
+                               builder.mul(runs, ir.Constant(intp, KEY_BLOCK)))
+    accs = [cgutils.alloca_once(builder, i32s) for _ in range(n)]
+    sums = cgutils.alloca_once(builder, i32s)
+    totals = [cgutils.alloca_once(builder, fty) for _ in range(n)]
+    # the block's positions a vector at a time (two on 256 bits: half the live registers of both at once), each
+    # run's integer sums scaled into f32 totals
+    for p in range(KEY_BLOCK // lanes):
         start = ir.Constant(intp, p * lanes)
-        scales = builder.load(builder.bitcast(builder.gep(key_scales, [start]), fty.as_pointer()), align=4)
-        offset = builder.shl(builder.load(sums[p]), const_vec(_I32, 7, lanes))  # 128 * each position's key sum
-        for g, acc in enumerate(accs):
-            dot = builder.load(acc[p]) if level == ISA_AVX2 else builder.sub(builder.load(acc[p]), offset)
-            factor = splat(builder, builder.load(builder.gep(factors, [ir.Constant(intp, g)])), lanes)
+        for total in totals:
+            builder.store(ir.Constant(fty, None), total)
+        with cgutils.for_range(builder, runs) as run:
+            for acc in (sums, *accs):
+                builder.store(ir.Constant(i32s, None), acc)
+            key_scale_at = builder.add(builder.mul(run.index, ir.Constant(intp, KEY_BLOCK)), start)
+            if p == 0:  # the key block `ahead` on: one hint a line (a quad), and one for this run's scales
+                with builder.if_then(wanted):
+                    prefetch_line(builder, builder.gep(key_scales, [builder.add(key_scale_at, scales_ahead)]),
+                                  _HINT_LEVEL)
+            for i in range(SCALE_GROUP // 4):
+                quad = builder.add(builder.mul(run.index, ir.Constant(intp, SCALE_GROUP // 4)), ir.Constant(intp, i))
+                line = builder.gep(block, [builder.mul(quad, ir.Constant(intp, 4 * KEY_BLOCK))])
+                if p == 0:
+                    with builder.if_then(wanted):
+                        prefetch_line(builder, builder.gep(line, [ahead]), _HINT_LEVEL)
+                keys = builder.load(builder.bitcast(builder.gep(line, [ir.Constant(intp, 4 * lanes * p)]),
+                                                    bytes_ty.as_pointer()), align=1)
+                if level == ISA_AVX2:
+                    magnitudes = abs_if(builder, level, keys)
+                else:
+                    builder.store(dots(const_vec(_I8, 1, 4 * lanes), keys, builder.load(sums)), sums)
+                for head, acc in zip(heads, accs, strict=True):
+                    q4 = builder.bitcast(splat(builder, builder.load(builder.gep(head, [quad]), align=1), lanes),
+                                         bytes_ty)
+                    if level == ISA_AVX2:
+                        signed = builder.xor(q4, const_vec(_I8, -128, 4 * lanes))
+                        builder.store(quad_dots(builder, level, keys, magnitudes, signed, builder.load(acc)), acc)
+                    else:
+                        builder.store(dots(q4, keys, builder.load(acc)), acc)
+            scales = builder.load(builder.bitcast(builder.gep(key_scales, [key_scale_at]), fty.as_pointer()), align=4)
+            offset = builder.shl(builder.load(sums), const_vec(_I32, 7, lanes))  # 128 * each position's key sum
+            for g, (acc, total) in enumerate(zip(accs, totals, strict=True)):
+                dot = builder.load(acc) if level == ISA_AVX2 else builder.sub(builder.load(acc), offset)
+                factor = splat(builder, builder.load(builder.gep(factors, [builder.add(
+                    builder.mul(runs, ir.Constant(intp, g)), run.index)])), lanes)
+                builder.store(_fma(builder, builder.fmul(builder.sitofp(dot, fty), factor), scales,
+                                   builder.load(total)), total)
+        for g, total in enumerate(totals):
             out = builder.gep(out0, [builder.add(builder.mul(stride, ir.Constant(intp, g)), start)])
-            builder.store(builder.fmul(builder.fmul(builder.sitofp(dot, fty), factor), scales),
-                          builder.bitcast(out, fty.as_pointer()), align=4)
+            builder.store(builder.load(total), builder.bitcast(out, fty.as_pointer()), align=4)
 
 
 def _exp(builder, x):  # noqa: ANN001, ANN202
@@ -400,20 +426,20 @@ def softmax_rows(typingctx, sc, rows, n, norm):
 
 
 @intrinsic
-def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead):
+def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead, vs, vsidx):
     """out[oidx + (0, g * D) : + D] += sum over j < n of sc[sidx + (g, j)] * (cache row at cidx + j) for g < width
     (1..8, a literal): `n` consecutive cache positions weighted into `width` query heads' outputs, which stay in
     registers across the positions, 8 or 16 values of D at a time; sc [Gp, S] holds a head's weights in a row.
     ahead: hint the rows that many positions on into the cache, a line at a time over the passes (0: none). An int8
-    cache's rows are taken as they are: the caller has folded their scales into the weights."""
+    cache's values are scaled by vs[vsidx + (j, group)], once a position and 8 or 16 values for all the heads."""
     w = _tile_width(width)
     if not (w and _cache_ok(cache) and index_ok(cache, cidx) and index_ok(sc, sidx) and index_ok(out, oidx)):
         return None
-    if not isinstance(n, types.Integer):
+    if not (isinstance(n, types.Integer) and _f32_at(vs, vsidx)):
         return None
 
     def codegen(context, builder, sig, args):
-        cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _, ahead_v = args
+        cache_v, cidx_v, n_v, sc_v, sidx_v, out_v, oidx_v, _, ahead_v, _, _ = args
         intp = context.get_value_type(types.intp)
         D = _len(context, builder, sig.args[0], cache_v, -1)
         stride = _len(context, builder, sig.args[3], sc_v, 1)
@@ -439,6 +465,8 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead):
                 with builder.if_then(hint):
                     prefetch_line(builder, builder.gep(row, [builder.add(ahead, start)]), _HINT_LEVEL)
                 v = _load_row(builder, cache.dtype, row, start, width)
+                if cache.dtype == types.int8:
+                    v = builder.fmul(v, splat(builder, _run_scale(context, builder, sig, args, 9, j, start, D), width))
                 for g in range(w):
                     p = splat(builder, builder.load(builder.gep(rows_of[g], [j])), width)
                     builder.store(_fma(builder, p, v, builder.load(accs[g])), accs[g])
@@ -448,7 +476,7 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead):
         _head_chunks(builder, D, chunk)
         return context.get_dummy_value()
 
-    return types.void(cache, cidx, n, sc, sidx, out, oidx, width, ahead), codegen
+    return types.void(cache, cidx, n, sc, sidx, out, oidx, width, ahead, vs, vsidx), codegen
 
 
 def _lane_row(builder, base, row):  # noqa: ANN001, ANN202
@@ -463,11 +491,11 @@ def _f32_2d(a) -> bool:  # noqa: ANN001 - a numba type
 
 @intrinsic
 def widen_rows(typingctx, cache, cidx, m, dst, vs, vsidx):
-    """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]; an int8 cache's times vs[vsidx + r]): a
-    block of f16 rows widened once, so that the tile kernels can broadcast single values from it."""
+    """dst[r] = the cache row at cidx + r as f32, for r < m (dst [B, D]; an int8 cache's times its scales, vs[vsidx +
+    (r, group)]): a block of f16 rows widened once, so that the tile kernels can broadcast single values from it."""
     if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(m, types.Integer) and _f32_2d(dst)):
         return None
-    if not _scales_ok(cache, vs, vsidx):
+    if not _f32_at(vs, vsidx):
         return None
 
     def codegen(context, builder, sig, args):
@@ -482,8 +510,8 @@ def widen_rows(typingctx, cache, cidx, m, dst, vs, vsidx):
                 at = builder.bitcast(builder.gep(row, [start]), ir.VectorType(_F32, width).as_pointer())
                 v = _load_row(builder, cache.dtype, src, start, width)
                 if cache.dtype == types.int8:
-                    factor = builder.load(builder.gep(_scale_ptr(context, builder, sig, args, 4), [loop.index]))
-                    v = builder.fmul(v, splat(builder, factor, width))
+                    v = builder.fmul(v, splat(builder, _run_scale(context, builder, sig, args, 4, loop.index, start,
+                                                                  D), width))
                 builder.store(v, at, align=4)
 
             _head_chunks(builder, D, chunk)
@@ -495,11 +523,11 @@ def widen_rows(typingctx, cache, cidx, m, dst, vs, vsidx):
 @intrinsic
 def widen_keys(typingctx, cache, cidx, blocks, dst, ks, ksidx):
     """dst[d, b * KEY_BLOCK + r] = key r of block b from the key cache block at cidx on, as f32, for b < blocks (dst
-    [D, B]; an int8 cache's keys, in quads as qk_bytes reads them, times their scales, ks[ksidx + (b, r)]): the
-    tile's keys widened once, still by head dimension, for qk_tile to broadcast one at a time."""
+    [D, B]; an int8 cache's keys, in quads as qk_block reads them, times their scales, ks[ksidx + (b, group, r)]):
+    the tile's keys widened once, still by head dimension, for qk_tile to broadcast one at a time."""
     if not (_cache_ok(cache) and index_ok(cache, cidx) and isinstance(blocks, types.Integer) and _f32_2d(dst)):
         return None
-    if not _scales_ok(cache, ks, ksidx):
+    if not _f32_at(ks, ksidx):
         return None
 
     def codegen(context, builder, sig, args):
@@ -515,9 +543,12 @@ def widen_keys(typingctx, cache, cidx, blocks, dst, ks, ksidx):
             col = builder.mul(block.index, ir.Constant(intp, KEY_BLOCK))
             if cache.dtype == types.int8:  # quads [D / 4, KEY_BLOCK, 4]: each of 4 dimensions a lane in 4
                 fty, quad_ty = ir.VectorType(_F32, KEY_BLOCK), ir.VectorType(_I8, 4 * KEY_BLOCK)
-                factors = builder.gep(scales, [col])
-                factors = builder.load(builder.bitcast(factors, fty.as_pointer()), align=4)
                 with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, 4))) as quad:
+                    run = builder.udiv(quad.index, ir.Constant(intp, SCALE_GROUP // 4))  # the scales' group
+                    runs = builder.udiv(D, ir.Constant(intp, SCALE_GROUP))
+                    spot = builder.gep(scales, [builder.mul(builder.add(builder.mul(block.index, runs), run),
+                                                            ir.Constant(intp, KEY_BLOCK))])
+                    factors = builder.load(builder.bitcast(spot, fty.as_pointer()), align=4)
                     at = builder.gep(src, [builder.mul(quad.index, ir.Constant(intp, 4 * KEY_BLOCK))])
                     keys = builder.load(builder.bitcast(at, quad_ty.as_pointer()), align=1)
                     for j in range(4):

@@ -31,7 +31,7 @@ from dmoe.supervisor import Supervisor, one_line
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
 
-# f16 is kept as IEEE half bits, q8 as int8 with an f32 scale a position and head (see attention.py)
+# f16 is kept as IEEE half bits, q8 as int8 with an f32 scale a 32 values of a position and head (attention.py)
 KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8": np.int8}
 
 
@@ -60,6 +60,9 @@ class Engine:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if kv_type == "q8" and cfg.head_dim % attention.SCALE_GROUP:
+            raise ValueError(f"kv_type q8 needs a head dimension that is a multiple of {attention.SCALE_GROUP}, "
+                             f"this model's is {cfg.head_dim}")
         self.config, self.comm, self.file = cfg, comm, mf
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
         self.nthreads = nthreads
@@ -73,7 +76,8 @@ class Engine:
         caches = [np.zeros(shape, KV_TYPES[kv_type])
                   for shape in attention.cache_shapes(lead, n_kv, self.max_seq_len, cfg.head_dim)]
         caches += [np.zeros(shape, np.float32)
-                   for shape in attention.scale_shapes(lead, n_kv, self.max_seq_len if kv_type == "q8" else 0)]
+                   for shape in attention.scale_shapes(lead, n_kv, self.max_seq_len if kv_type == "q8" else 0,
+                                                     cfg.head_dim)]
         self.kv_bytes = sum(a.nbytes for a in caches)
         self.model = Model(cfg, self.plan, self.shard, self.weights, caches, nthreads, self.is_root)
         self.phase_seconds = self.model.phase_seconds

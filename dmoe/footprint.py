@@ -77,7 +77,8 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
         shapes = attention.cache_shapes(lead, shard.n_kv_heads, seq, cfg.head_dim)
         kv = sum(int(np.prod(shape)) for shape in shapes) * np.dtype(KV_TYPES[kv_type]).itemsize
         if kv_type == "q8":
-            kv += sum(int(np.prod(shape)) for shape in attention.scale_shapes(lead, shard.n_kv_heads, seq)) * 4
+            scales = attention.scale_shapes(lead, shard.n_kv_heads, seq, cfg.head_dim)
+            kv += sum(int(np.prod(shape)) for shape in scales) * 4
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))

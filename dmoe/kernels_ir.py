@@ -100,7 +100,8 @@ def maddubs(builder, u, s):  # noqa: ANN001, ANN202
 
 def quad_dots(builder, level: int, w, absw, x, acc):  # noqa: ANN001, ANN202
     """acc + <8 x i32>: per 4-byte lane (one row's 4 weights) the sum of w * x, for <32 x i8> w and x
-    (signed). w is unsigned (0..127) when absw is None, else signed with absw = |w|. On x86 the unsigned
+    (signed). w is unsigned when absw is None (0..255; 0..127 on AVX2, whose pairs would saturate), else signed
+    with absw = |w|. On x86 the unsigned
     operand is w or |w| and the signed one x or x with w's sign (vpsignb); then vpdpbusd (VNNI) adds the
     4-byte dots into acc in one instruction, or vpmaddubsw + vpmaddwd against ones + vpaddd (AVX2) do
     (|w| <= 127: no pair saturates). Exact."""

@@ -34,12 +34,18 @@ def reference(q: np.ndarray, heads: np.ndarray, keys: np.ndarray, values: np.nda
 
 
 def quantised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [..., D] as an int8 cache keeps it: values rint(x * (1 / scale)) (ties to even) and one f32 scale a row,
-    its largest magnitude / 127."""
-    scale = (np.abs(x).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    """x [..., D] as an int8 cache keeps it: values rint(x * (1 / scale)) (ties to even) and one f32 scale a 32
+    values, their largest magnitude / 127 (scales [..., D / 32])."""
+    runs = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    scale = (np.abs(runs).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):  # (rows of NaN in one test: their values do not count)
         inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-        return np.rint(x * inv).astype(np.int8), scale[..., 0]
+        return np.rint(runs * inv).astype(np.int8).reshape(x.shape), scale[..., 0]
+
+
+def dequantised(ints: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """quantised's values times their scales."""
+    return (ints.reshape(*scale.shape, 32) * scale[..., None].astype(np.float64)).reshape(ints.shape)
 
 
 def filled_caches(keys: np.ndarray, values: np.ndarray, kv_type: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -49,25 +55,22 @@ def filled_caches(keys: np.ndarray, values: np.ndarray, kv_type: type) -> tuple[
     P, n_kv, S, D = keys.shape
     caches = [np.zeros(shape, kv_type) for shape in attention.cache_shapes((P,), n_kv, S, D)]
     caches += [np.zeros(shape, np.float32)
-               for shape in attention.scale_shapes((P,), n_kv, S if kv_type == np.int8 else 0)]
+               for shape in attention.scale_shapes((P,), n_kv, S if kv_type == np.int8 else 0, D)]
     slots, positions = (a.ravel() for a in np.meshgrid(np.arange(P), np.arange(S), indexing="ij"))
     keys, values = (a.astype(np.float32) for a in (keys, values))
     k, v = (a[slots, :, positions].reshape(P * S, n_kv * D) for a in (keys, values))
     attention.store_kv(k, v, *caches, slots, positions)
     if kv_type == np.int8:
-        held = [q.astype(np.float32) * scale[..., None] for q, scale in map(quantised, (keys, values))]
+        held = [dequantised(*quantised(a)) for a in (keys, values)]
     else:
         held = [a.astype(np.float16) if kv_type == np.uint16 else a for a in (keys, values)]
     return caches, held
 
 
 def scored(q: np.ndarray, D: int, kv_type: type) -> np.ndarray:
-    """The queries [T, H*D] as the decode kernel scores them against kv_type's keys: an int8 cache's quantised a
-    head, as `quantised` does a key (its scores are integer dot products of the two)."""
-    if kv_type != np.int8:
-        return q
-    ints, scale = quantised(q.reshape(q.shape[0], -1, D))
-    return (ints * scale[..., None].astype(np.float64)).reshape(q.shape)
+    """The queries [T, H*D] as the decode kernel scores them against kv_type's keys: an int8 cache's quantised as
+    `quantised` does a key (its scores are integer dot products of the two)."""
+    return dequantised(*quantised(q)) if kv_type == np.int8 else q
 
 
 @pytest.mark.parametrize(("D", "heads", "T", "depth", "kv_type"), [
@@ -79,7 +82,8 @@ def scored(q: np.ndarray, D: int, kv_type: type) -> np.ndarray:
     (32, [(0, 13)], 6, 90, np.uint16),                  # 8 + 4 + 1
     (24, [(0, 8)], 2, 50, np.uint16),                   # a head dimension of 16-value vectors and an 8-value tail
     (128, [(0, 8), (8, 16)], 3, 300, np.int8),         # the int8 cache
-    (24, [(0, 13)], 2, 50, np.int8),
+    (64, [(0, 13)], 2, 50, np.int8),                   # 8 + 4 + 1 heads, each over 2 runs of 32 scaled values
+    (64, [(3, 6), (6, 8)], 4, 130, np.int8),            # a rank's heads that cut the groups
 ])
 def test_attend_matches_reference(D: int, heads: list[tuple[int, int]], T: int, depth: int, kv_type: type) -> None:
     rng = np.random.default_rng(D + T + depth)
@@ -115,7 +119,7 @@ def test_store_kv_writes_each_token_at_its_slot_and_position(kv_type: type) -> N
         v[1, :D] = 0.0
     k_cache, v_cache = (np.zeros(shape, kv_type) for shape in attention.cache_shapes((3,), n_kv, depth, D))
     k_scales, v_scales = (np.zeros(shape, np.float32)
-                          for shape in attention.scale_shapes((3,), n_kv, depth if kv_type == np.int8 else 0))
+                          for shape in attention.scale_shapes((3,), n_kv, depth if kv_type == np.int8 else 0, D))
     slots, positions = np.array([0, 2, 1, 0, 2]), np.array([3, 7, 0, 4, 63])
     attention.store_kv(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions)
     block = attention.KEY_BLOCK
@@ -126,7 +130,7 @@ def test_store_kv_writes_each_token_at_its_slot_and_position(kv_type: type) -> N
             return k_cache[s, :, p // block].reshape(n_kv, D // 4, block, 4)[:, :, p % block].reshape(n_kv, D)
         return k_cache[s, :, p // block, :, p % block]
 
-    for src, cache, held, scales in ((k, k_cache, keys_of, lambda s, p: k_scales[s, :, p // block, p % block]),
+    for src, cache, held, scales in ((k, k_cache, keys_of, lambda s, p: k_scales[s, :, p // block, :, p % block]),
                                      (v, v_cache, lambda s, p: v_cache[s, :, p], lambda s, p: v_scales[s, :, p])):
         want = src.reshape(T, n_kv, D)
         if kv_type == np.uint16:
@@ -167,7 +171,8 @@ def test_softmax_takes_extreme_scores() -> None:
     (32, [(0, 13)], 90, np.uint16, [(0, 80, 9)]),                     # tiles of 2 and a last one of 1
     (24, [(0, 8)], 50, np.uint16, [(1, 30, 12)]),                     # a head dimension of 16 + 8
     (128, [(0, 8), (8, 16)], 300, np.int8, [(1, 100, 40)]),           # the int8 cache
-    (24, [(0, 13)], 50, np.int8, [(0, 3, 30)]),
+    (64, [(0, 13)], 50, np.int8, [(0, 3, 30)]),
+    (64, [(3, 6), (6, 8)], 130, np.int8, [(2, 20, 9)]),
 ])
 def test_attend_tiles_matches_reference(D: int, heads: list[tuple[int, int]], depth: int, kv_type: type,
                                         seqs: list[tuple[int, int, int]]) -> None:

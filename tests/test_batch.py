@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize(("ranks", "kv_type", "qtype"), [(1, "f32", "f32"), (1, "f16", "q40"), (2, "f32", "f32"),
-                                                         (3, "f16", "q80")])
+                                                         (3, "f16", "q80"), (3, "q8", "q40")])
 def test_a_batch_gives_each_sequence_its_logits_alone(ranks: int, kv_type: str, qtype: str, model_file,
                                                        tmp_path) -> None:
     out = str(tmp_path / "r.npz")

@@ -148,11 +148,11 @@ def test_prefix_reuse_after_truncate(model_file) -> None:
     assert np.abs(reused - fresh).max() <= 1e-5 * np.abs(fresh).max()
 
 
-@pytest.mark.parametrize(("kv_type", "typical", "worst"), [("f16", 2e-3, 5e-3), ("q8", 3e-2, 0.2)])
+@pytest.mark.parametrize(("kv_type", "typical", "worst"), [("f16", 2e-3, 5e-3), ("q8", 3e-2, 0.12)])
 def test_compact_kv_caches_stay_close(kv_type: str, typical: float, worst: float, model_file) -> None:
     """The f16 and int8 caches' logits against the f32 cache's, the prompt by tiles and then token by token: each
     row's largest error relative to its largest logit, the median row's and the worst (measured: f16 0.05% and
-    0.1%, int8 1.4% and 11%; the kernels are exact against their own rounding in test_attention)."""
+    0.14%, int8 1.3% and 6.6%; the kernels are exact against their own rounding in test_attention)."""
     logits = {}
     for kv in ("f32", kv_type):
         eng = Engine.load(model_file("c", "f32"), max_seq_len=320, kv_type=kv, nthreads=2)
@@ -161,6 +161,12 @@ def test_compact_kv_caches_stay_close(kv_type: str, typical: float, worst: float
                                     + [eng.forward([t]) for t in ids[-10:]])
     rows = np.abs(logits[kv_type] - logits["f32"]).max(1) / np.abs(logits["f32"]).max(1)
     assert np.median(rows) <= typical and rows.max() <= worst
+
+
+def test_q8_needs_whole_runs_of_32(model_file) -> None:
+    """An int8 cache scales runs of 32 values of a head: a head dimension of 16 is refused before any loading."""
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Engine.load(model_file("b", "f32"), kv_type="q8")
 
 
 def test_context_limit_and_bad_ids(model_file) -> None:
