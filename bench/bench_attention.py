@@ -36,9 +36,7 @@ def main() -> None:
     print(f"{cfg.num_attention_heads} query heads, {Hkv} KV heads of {D}; {args.kv_type} cache; {threads} thread(s)")
     layers = cfg.num_hidden_layers
     for n in args.depth:
-        one = [np.zeros(shape, KV_TYPES[args.kv_type]) for shape in attention.cache_shapes((1,), Hkv, n, D)]
-        one += [np.zeros(shape, np.float32)
-                for shape in attention.scale_shapes((1,), Hkv, n if args.kv_type == "q8" else 0, D)]
+        one = [np.zeros(shape, kind) for shape, kind in attention.kv_layout((1,), Hkv, n, D, KV_TYPES[args.kv_type])]
         k, v = rng.standard_normal((2, n, Hkv * D)).astype(np.float32)
         attention.store_kv(k, v, *one, np.zeros(n, np.int64), np.arange(n))
         caches = [np.empty((layers, *a.shape), a.dtype) for a in one]  # every layer's: the same values

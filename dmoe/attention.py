@@ -76,6 +76,15 @@ def scale_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tup
     return (*slots, n_kv, padded(S) // KEY_BLOCK, groups, KEY_BLOCK), (*slots, n_kv, S, groups)
 
 
+def kv_layout(slots: tuple[int, ...], n_kv: int, S: int, D: int, dtype: type) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """The KV cache's arrays for values of `dtype` (np.float32, np.uint16 for f16 bits, np.int8) as (shape, dtype):
+    keys and values (cache_shapes), then the keys' and values' scales (scale_shapes; empty unless int8), in the
+    order store_kv, attend and attend_tiles take them."""
+    kind = np.dtype(dtype)
+    scales = scale_shapes(slots, n_kv, S if kind == np.int8 else 0, D)
+    return [(shape, kind) for shape in cache_shapes(slots, n_kv, S, D)] + [(s, np.dtype(np.float32)) for s in scales]
+
+
 def scratch_width(group: int) -> int:
     """Rows Gp of decode's per-thread scores scratch [Gp, padded(S)] for `group` query heads a KV head: a multiple
     of 8."""
@@ -279,7 +288,7 @@ def attend(q: np.ndarray, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.nd
     _, n_kv, _, D = v_cache.shape
     scale = np.float32(1.0 / math.sqrt(D))
     qx, qs = _queries(q, D, scale, k_cache)
-    per = qs.shape[1] * D // q.shape[1]  # query factors a head
+    per = D // _group(D, k_cache)  # query factors a head
     for task in numba.prange(T * n_kv):
         # tokens in pairs (first, last), (second, second last), ...: in a prefill each pair costs the same under
         # the causal mask, so prange's equal contiguous chunks of tasks are equal work

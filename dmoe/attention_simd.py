@@ -99,12 +99,22 @@ def _scale_ptr(context, builder, sig, args, at: int):  # noqa: ANN001, ANN202
                            _F32.as_pointer())
 
 
-def _run_scale(context, builder, sig, args, at: int, row, start, D):  # noqa: ANN001, ANN202
+def _stored_scale(context, builder, sig, args, at: int, row, start, D):  # noqa: ANN001, ANN202
     """An int8 cache's scale of the SCALE_GROUP values holding head dimension `start` of the row `row` rows on from
     scales[sidx] ([..., D / SCALE_GROUP] a row), the intrinsic's arguments `at` and `at + 1`."""
     groups = builder.udiv(D, ir.Constant(D.type, SCALE_GROUP))
     spot = builder.add(builder.mul(row, groups), builder.udiv(start, ir.Constant(D.type, SCALE_GROUP)))
     return builder.load(builder.gep(_scale_ptr(context, builder, sig, args, at), [spot]))
+
+
+def _row_values(context, builder, sig, args, at: int, ptr, row, start, width: int, D):  # noqa: ANN001, ANN202
+    """_load_row of the intrinsic's cache (its first argument) at ptr; an int8 cache's values times their stored
+    scale, the row `row` rows on from the scales at arguments `at` and `at + 1` (_stored_scale)."""
+    dtype = sig.args[0].dtype
+    v = _load_row(builder, dtype, ptr, start, width)
+    if dtype == types.int8:
+        v = builder.fmul(v, splat(builder, _stored_scale(context, builder, sig, args, at, row, start, D), width))
+    return v
 
 
 def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
@@ -464,9 +474,7 @@ def pv_add(typingctx, cache, cidx, n, sc, sidx, out, oidx, width, ahead, vs, vsi
                 row = builder.gep(first, [builder.mul(j, D)])
                 with builder.if_then(hint):
                     prefetch_line(builder, builder.gep(row, [builder.add(ahead, start)]), _HINT_LEVEL)
-                v = _load_row(builder, cache.dtype, row, start, width)
-                if cache.dtype == types.int8:
-                    v = builder.fmul(v, splat(builder, _run_scale(context, builder, sig, args, 9, j, start, D), width))
+                v = _row_values(context, builder, sig, args, 9, row, j, start, width, D)
                 for g in range(w):
                     p = splat(builder, builder.load(builder.gep(rows_of[g], [j])), width)
                     builder.store(_fma(builder, p, v, builder.load(accs[g])), accs[g])
@@ -508,11 +516,8 @@ def widen_rows(typingctx, cache, cidx, m, dst, vs, vsidx):
 
             def chunk(start, width: int) -> None:  # noqa: ANN001
                 at = builder.bitcast(builder.gep(row, [start]), ir.VectorType(_F32, width).as_pointer())
-                v = _load_row(builder, cache.dtype, src, start, width)
-                if cache.dtype == types.int8:
-                    v = builder.fmul(v, splat(builder, _run_scale(context, builder, sig, args, 4, loop.index, start,
-                                                                  D), width))
-                builder.store(v, at, align=4)
+                builder.store(_row_values(context, builder, sig, args, 4, src, loop.index, start, width, D), at,
+                              align=4)
 
             _head_chunks(builder, D, chunk)
         return context.get_dummy_value()

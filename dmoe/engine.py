@@ -60,9 +60,6 @@ class Engine:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
-        if kv_type == "q8" and cfg.head_dim % attention.SCALE_GROUP:
-            raise ValueError(f"kv_type q8 needs a head dimension that is a multiple of {attention.SCALE_GROUP}, "
-                             f"this model's is {cfg.head_dim}")
         self.config, self.comm, self.file = cfg, comm, mf
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
         self.nthreads = nthreads
@@ -71,13 +68,10 @@ class Engine:
                                    parse_shares(shares, comm.size) if shares else None, routing)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
+        layout = attention.kv_layout((cfg.num_hidden_layers, parallel), self.shard.n_kv_heads, self.max_seq_len,
+                                     cfg.head_dim, KV_TYPES[kv_type])  # before the weights: it may refuse q8
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
-        lead, n_kv = (cfg.num_hidden_layers, parallel), self.shard.n_kv_heads
-        caches = [np.zeros(shape, KV_TYPES[kv_type])
-                  for shape in attention.cache_shapes(lead, n_kv, self.max_seq_len, cfg.head_dim)]
-        caches += [np.zeros(shape, np.float32)
-                   for shape in attention.scale_shapes(lead, n_kv, self.max_seq_len if kv_type == "q8" else 0,
-                                                     cfg.head_dim)]
+        caches = [np.zeros(shape, kind) for shape, kind in layout]
         self.kv_bytes = sum(a.nbytes for a in caches)
         self.model = Model(cfg, self.plan, self.shard, self.weights, caches, nthreads, self.is_root)
         self.phase_seconds = self.model.phase_seconds

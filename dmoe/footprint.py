@@ -73,12 +73,9 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
     out = []
     seq = min(max_seq_len, cfg.max_position_embeddings)
     for shard in plan.shards:
-        lead = (cfg.num_hidden_layers, parallel)
-        shapes = attention.cache_shapes(lead, shard.n_kv_heads, seq, cfg.head_dim)
-        kv = sum(int(np.prod(shape)) for shape in shapes) * np.dtype(KV_TYPES[kv_type]).itemsize
-        if kv_type == "q8":
-            scales = attention.scale_shapes(lead, shard.n_kv_heads, seq, cfg.head_dim)
-            kv += sum(int(np.prod(shape)) for shape in scales) * 4
+        layout = attention.kv_layout((cfg.num_hidden_layers, parallel), shard.n_kv_heads, seq, cfg.head_dim,
+                                     KV_TYPES[kv_type])
+        kv = sum(int(np.prod(shape)) * kind.itemsize for shape, kind in layout)
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
         buffers = sum(a.nbytes for st in states for a in vars(st).values() if isinstance(a, np.ndarray))

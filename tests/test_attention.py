@@ -49,13 +49,11 @@ def dequantised(ints: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def filled_caches(keys: np.ndarray, values: np.ndarray, kv_type: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The caches (attention.cache_shapes, and scale_shapes) holding keys and values [P, Hkv, S, D] at every slot
-    and position, written by store_kv; and the keys and values as the reference reads them (rounded to f16 for an
-    f16 cache, quantised for an int8 one)."""
+    """The caches (attention.kv_layout) holding keys and values [P, Hkv, S, D] at every slot and position, written
+    by store_kv; and the keys and values as the reference reads them (rounded to f16 for an f16 cache, quantised for
+    an int8 one)."""
     P, n_kv, S, D = keys.shape
-    caches = [np.zeros(shape, kv_type) for shape in attention.cache_shapes((P,), n_kv, S, D)]
-    caches += [np.zeros(shape, np.float32)
-               for shape in attention.scale_shapes((P,), n_kv, S if kv_type == np.int8 else 0, D)]
+    caches = [np.zeros(shape, kind) for shape, kind in attention.kv_layout((P,), n_kv, S, D, kv_type)]
     slots, positions = (a.ravel() for a in np.meshgrid(np.arange(P), np.arange(S), indexing="ij"))
     keys, values = (a.astype(np.float32) for a in (keys, values))
     k, v = (a[slots, :, positions].reshape(P * S, n_kv * D) for a in (keys, values))
@@ -117,9 +115,8 @@ def test_store_kv_writes_each_token_at_its_slot_and_position(kv_type: type) -> N
     if kv_type == np.int8:
         k[0, :4] = [65504.0, 1e30, -3.0, 1.5]  # one row's scale is set by a huge value; a zero row below
         v[1, :D] = 0.0
-    k_cache, v_cache = (np.zeros(shape, kv_type) for shape in attention.cache_shapes((3,), n_kv, depth, D))
-    k_scales, v_scales = (np.zeros(shape, np.float32)
-                          for shape in attention.scale_shapes((3,), n_kv, depth if kv_type == np.int8 else 0, D))
+    k_cache, v_cache, k_scales, v_scales = (np.zeros(shape, kind)
+                                            for shape, kind in attention.kv_layout((3,), n_kv, depth, D, kv_type))
     slots, positions = np.array([0, 2, 1, 0, 2]), np.array([3, 7, 0, 4, 63])
     attention.store_kv(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions)
     block = attention.KEY_BLOCK
