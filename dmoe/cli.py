@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
         sp.add_argument("--nthreads", type=int, help="threads per rank (default: cores / ranks on the host)")
         sp.add_argument("--kv-type", choices=["f16", "f32", "q8"], default="f16",
-                        help="KV cache type: f16 (default), f32, or q8 (int8 with a scale a 32 values: 56% "
+                        help="KV cache type: f16 (default), f32, or q8 (int8 with a scale a 32 values: 56%% "
                              "of f16's memory, faster at long contexts)")
         sp.add_argument("--moe-split", choices=["ffn", "experts"], default="ffn",
                         help="how ranks share the experts: a slice of every expert (ffn, default) or whole experts")

@@ -14,6 +14,8 @@ import torch
 from hf_models import load_reference
 from processes import wait_for_output
 
+from dmoe.cli import COMMANDS, parse_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,6 +97,15 @@ def test_bad_input_is_one_line(args: list[str], code: int, message: str, model_f
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "convert"])
+def test_help_prints_for_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse formats help text with %: a stray percent sign breaks --help only when asked."""
+    with pytest.raises(SystemExit) as stop:
+        parse_args([command, "--help"])
+    assert stop.value.code == 0
+    assert "usage:" in capsys.readouterr().out
 
 
 def test_ctrl_c_stops_cleanly(long_model) -> None:
