@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run on several ranks with: mpirun -n N python launch.py ...  (see README)")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
+    def pause_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--max-pause", type=float,
+                        help="while requests decode, read new prompts in chunks sized (from the measured speed) so a "
+                        "step takes about this many seconds: the pause the decoding streams see (default 1; chunks "
+                        "of 64 to 256 tokens: scheduler.py)")
+
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=DEMO_MODEL, help="the .m file (default: the bundled demo model)")
         sp.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
@@ -94,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="model id reported by the API (default: the file's name)")
     s.add_argument("--parallel", type=int, default=4,
                    help="requests served at once, each in its own KV cache slot of --max-seq-len tokens (default 4)")
+    pause_arg(s)
     s.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 once one forward step has run this many seconds: a rank is stopped "
                    "or far slower than the others (default 60)")
@@ -108,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[],
                    help="also serve this many concurrent streams of the first --prompt-len and --steps tokens, "
                    "batched as the server does; a comma list measures each (aggregate tok/s, latency)")
+    pause_arg(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("convert", add_help=False,
@@ -228,6 +236,8 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--prompt-len must be >= 1")
     if args.command == "bench" and args.depth and min(args.depth) < 1:
         problems.append("--depth must be >= 1")
+    if getattr(args, "max_pause", None) is not None and args.max_pause <= 0:
+        problems.append("--max-pause must be > 0")
     if args.command == "bench" and args.clients and min(args.clients) < 1:
         problems.append("--clients must be >= 1")
     if args.command == "bench":
@@ -421,9 +431,9 @@ def _bench(args: argparse.Namespace, engine: Any) -> int:
         if not args.json:
             print(f"dmoe: after {depth} tokens of context: {stats.summary()}")
     if args.clients:  # untimed: the scheduler's first run (text decoding, batched steps) warms up
-        run_streams(engine, max(args.clients), 8, 2, rng)
+        run_streams(engine, max(args.clients), 8, 2, rng, args.max_pause)
     for clients in args.clients:
-        served = run_streams(engine, clients, args.prompt_len[0], args.steps, rng)
+        served = run_streams(engine, clients, args.prompt_len[0], args.steps, rng, args.max_pause)
         result[f"serve{clients}"] = served
         if not args.json:
             print(f"dmoe: {clients} concurrent streams: {served['aggregate_tok_s']:.1f} tok/s in all (decode "

@@ -1,7 +1,12 @@
 """Continuous batching: the server's requests share the engine's forward steps.
 
 Each step runs every decoding sequence's next token and, in the room left under the step's token budget,
-chunks of the prompts still being read (chunked prefill: a long prompt does not stall the others). Requests
+chunks of the prompts still being read (chunked prefill: a long prompt does not stall the others). While
+sequences decode, the budget is what recent prompt-reading steps got through in `max_pause` seconds (at least
+MIN_CHUNK prompt tokens, at most STEP_TOKENS in all): the pause a decoding stream sees when a prompt arrives stays
+near max_pause on a slow host (a 256-token step of the full-size model takes ~5 s on 2 cores), while a fast
+host keeps whole 256-token chunks. Sarathi-Serve sizes its chunks from a time-between-tokens target the same
+way, from a profile; here the rate is measured as the server runs. Requests
 join between steps as slots free up and leave as they finish; a cancelled one leaves at the next step. A
 request's tokens do not depend on what runs beside it: each has its own sampler, and the engine gives each
 sequence of a step the logits it would get alone.
@@ -28,6 +33,9 @@ from dmoe.sampling import SamplingParams
 from dmoe.toolcalls import ToolCallParser
 
 STEP_TOKENS = SHARED_STEP_TOKENS  # tokens a step at most, decodes first: bounds how long a chunk delays the others
+MAX_PAUSE_S = 1.0  # serve's --max-pause: how long a step that reads prompts beside decoding streams aims to take
+MIN_CHUNK = 64  # prompt tokens a step at least beside decoding streams: a smaller chunk reads almost as many
+# expert bytes (64 tokens route to ~127 of 128 experts) for less work, and a long prompt would crawl
 IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
 
 
@@ -89,9 +97,11 @@ class Scheduler:
     ended(job, end, stats) is told how each job ended: "stop", "length", "cancelled", "shutdown", "error"."""
 
     def __init__(self, engine: Engine, ended: Callable[[Job, str, GenerationStats], None],
-                 step_tokens: int = STEP_TOKENS) -> None:
+                 step_tokens: int = STEP_TOKENS, max_pause: float | None = None) -> None:
         assert engine.tokenizer is not None
         self.engine, self.ended, self.step_tokens = engine, ended, step_tokens
+        self.max_pause = MAX_PAUSE_S if max_pause is None else max_pause
+        self._rate: float | None = None  # tokens a second of the recent steps that read prompts
         self.running: list[_Running] = []
         self._last_used = [0.0] * engine.parallel
         self._step_started: float | None = None
@@ -151,10 +161,18 @@ class Scheduler:
             self.running.remove(r)
             self.ended(r.job, "cancelled", r.gen.stats)
 
+    def budget(self, decoding: int) -> int:
+        """Tokens for a step with `decoding` sequences decoding: all of step_tokens while none decodes (a prompt
+        alone goes at full speed), else what the recent rate gets through in max_pause, within
+        [decoding + MIN_CHUNK, step_tokens]."""
+        if not decoding or self._rate is None:
+            return self.step_tokens
+        return min(self.step_tokens, max(decoding + MIN_CHUNK, int(self._rate * self.max_pause)))
+
     def _step(self) -> None:
         """One forward step of every decoding sequence and as much pending prompt as the budget leaves."""
         batch, members = [], []
-        budget = self.step_tokens
+        budget = self.budget(sum(len(r.gen.pending) == 1 for r in self.running))
         for r in sorted(self.running, key=lambda r: len(r.gen.pending) > 1):  # decodes first, then prompts in order
             if budget <= 0:
                 break
@@ -173,7 +191,12 @@ class Scheduler:
                 self.ended(r.job, "error", r.gen.stats)
             return
         finally:
+            seconds = time.monotonic() - self._step_started
             self._step_started = None
+        tokens = sum(len(ids) for _, ids in batch)
+        if tokens > len(batch):  # it read a prompt chunk: the rate such steps go at, smoothed over the last few
+            rate = tokens / max(seconds, 1e-6)
+            self._rate = rate if self._rate is None else (self._rate + rate) / 2
         now = time.monotonic()
         for r, lg in zip(members, logits, strict=True):
             self._last_used[r.slot] = now

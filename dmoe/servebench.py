@@ -26,8 +26,10 @@ def latency_figures(first_token_s: list[float], gaps_s: list[float]) -> dict[str
             "itl_p99_ms": 1e3 * float(np.percentile(gaps_s, 99)) if gaps_s else 0.0}
 
 
-def run_streams(engine: Engine, clients: int, prompt_len: int, steps: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One run of `clients` greedy streams of `steps` tokens each (through end-of-turn tokens)."""
+def run_streams(engine: Engine, clients: int, prompt_len: int, steps: int, rng: np.random.Generator,
+                max_pause: float | None = None) -> dict[str, Any]:
+    """One run of `clients` greedy streams of `steps` tokens each (through end-of-turn tokens); max_pause: the
+    scheduler's (None: its default)."""
     jobs: queue.Queue[Job] = queue.Queue()
     stopping = threading.Event()
     done: list[tuple[Job, GenerationStats]] = []
@@ -42,7 +44,7 @@ def run_streams(engine: Engine, clients: int, prompt_len: int, steps: int, rng: 
     for _ in range(clients):
         prompt = [int(t) for t in rng.integers(0, vocab, prompt_len)]
         jobs.put(Job(False, prompt, SamplingParams(temperature=0.0), steps, [], None, ignore_eos=True))
-    Scheduler(engine, ended).run(jobs, stopping)
+    Scheduler(engine, ended, max_pause=max_pause).run(jobs, stopping)
     wall = max(stats.token_times[-1] for _, stats in done) - t0
     generated = sum(stats.generated_tokens for _, stats in done)
     first = [stats.token_times[0] - job.submitted for job, stats in done]

@@ -439,7 +439,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     host, port = sock.getsockname()[:2]
     print(f"dmoe: serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        scheduler = Scheduler(engine, api.ended)
+        scheduler = Scheduler(engine, api.ended, max_pause=args.max_pause)
         api.step_age = scheduler.step_age
         api.metrics.watch(lambda: len(scheduler.running), api.jobs.qsize, lambda: sum(map(len, engine.slots)),
                           engine.parallel * engine.max_seq_len, lambda: engine.comm.seconds)
