@@ -16,14 +16,13 @@ import numpy as np
 
 from dmoe import attention
 from dmoe.config import ModelConfig
-from dmoe.engine import KV_TYPES
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/qwen3-30b-a3b.json")
     p.add_argument("--depth", type=lambda v: [int(x) for x in v.split(",")], default=[512, 4096, 16384])
-    p.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16")
+    p.add_argument("--kv-type", choices=sorted(attention.KV_TYPES), default="f16")
     args = p.parse_args()
     cfg = ModelConfig.from_hf_file(args.config)
     Hkv, D = cfg.num_key_value_heads, cfg.head_dim
@@ -36,7 +35,8 @@ def main() -> None:
     print(f"{cfg.num_attention_heads} query heads, {Hkv} KV heads of {D}; {args.kv_type} cache; {threads} thread(s)")
     layers = cfg.num_hidden_layers
     for n in args.depth:
-        one = [np.zeros(shape, kind) for shape, kind in attention.kv_layout((1,), Hkv, n, D, KV_TYPES[args.kv_type])]
+        layout = attention.kv_layout((1,), Hkv, n, D, attention.KV_TYPES[args.kv_type])
+        one = [np.zeros(shape, kind) for shape, kind in layout]
         k, v = rng.standard_normal((2, n, Hkv * D)).astype(np.float32)
         attention.store_kv(k, v, *one, np.zeros(n, np.int64), np.arange(n))
         caches = [np.empty((layers, *a.shape), a.dtype) for a in one]  # every layer's: the same values

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from dmoe.engine import KV_TYPES, Engine
+from dmoe.attention import KV_TYPES
+from dmoe.engine import Engine
 from dmoe.packcache import default_dir
 
 _START = 64  # the short prompt's tokens

@@ -76,6 +76,11 @@ def scale_shapes(slots: tuple[int, ...], n_kv: int, S: int, D: int) -> tuple[tup
     return (*slots, n_kv, padded(S) // KEY_BLOCK, groups, KEY_BLOCK), (*slots, n_kv, S, groups)
 
 
+# --kv-type -> the cache's element type: f16 kept as IEEE half bits, q8 as int8 with an f32 scale a 32 values of a
+# position and head
+KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8": np.int8}
+
+
 def kv_layout(slots: tuple[int, ...], n_kv: int, S: int, D: int, dtype: type) -> list[tuple[tuple[int, ...], np.dtype]]:
     """The KV cache's arrays for values of `dtype` (np.float32, np.uint16 for f16 bits, np.int8) as (shape, dtype):
     keys and values (cache_shapes), then the keys' and values' scales (scale_shapes; empty unless int8), in the

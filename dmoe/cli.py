@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", help="require this bearer token")
     s.add_argument("--model-name", help="model id reported by the API (default: the file's name)")
-    s.add_argument("--parallel", type=int, default=4,
-                   help="requests served at once, each in its own KV cache slot of --max-seq-len tokens (default 4)")
+    s.add_argument("--parallel", type=int,
+                   help="requests served at once, each in its own KV cache slot of --max-seq-len tokens (default: "
+                   "as many as fit the host beside the weights, up to 4; the server prints what it allocated)")
     pause_arg(s)
     s.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 once one forward step has run this many seconds: a rank is stopped "
@@ -225,7 +226,7 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--nthreads must be >= 1")
     if getattr(args, "steps", 1) < 1:
         problems.append("--steps must be >= 1")
-    if getattr(args, "parallel", 1) < 1:
+    if (getattr(args, "parallel", 1) or 1) < 1:
         problems.append("--parallel must be >= 1")
     if args.command == "generate":
         if (args.prompt is None) == (args.prompt_ids is None):

@@ -23,6 +23,7 @@ import numpy as np
 
 from dmoe import attention
 from dmoe.comm import SPIN_S, LocalComm, MPIComm, make_comm
+from dmoe.footprint import fit_slots, weight_bytes
 from dmoe.model import Batch, Model
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore, StaleCacheError
@@ -30,9 +31,6 @@ from dmoe.plan import ShardPlan, parse_shares
 from dmoe.supervisor import Supervisor, one_line
 from dmoe.tokenizer import Tokenizer
 from dmoe.weights import ModelWeights, load_weights
-
-# f16 is kept as IEEE half bits, q8 as int8 with an f32 scale a 32 values of a position and head (attention.py)
-KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8": np.int8}
 
 
 class Command(enum.IntEnum):
@@ -52,13 +50,14 @@ class Engine:
 
     def __init__(self, mf: ModelFile, comm: LocalComm | MPIComm, max_seq_len: int, nthreads: int, kv_type: str,
                  moe_split: str, progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-                 parallel: int = 1, output: str = "split", shares: str | None = None, routing: str = "root") -> None:
+                 parallel: int | None = 1, output: str = "split", shares: str | None = None,
+                 routing: str = "root") -> None:
         cfg = mf.config
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if kv_type not in attention.KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(attention.KV_TYPES)}, got {kv_type!r}")
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-        if parallel < 1:
+        if parallel is not None and parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.config, self.comm, self.file = cfg, comm, mf
         self.max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
@@ -68,8 +67,13 @@ class Engine:
                                    parse_shares(shares, comm.size) if shares else None, routing)
         self.shard = self.plan[comm.rank]
         self.is_root = comm.rank == 0
+        one = attention.kv_layout((cfg.num_hidden_layers, 1), self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim,
+                                  attention.KV_TYPES[kv_type])  # before the weights: it may refuse q8
+        weights = weight_bytes(cfg, {name: t.qtype for name, t in mf.tensors.items()}, self.shard)
+        parallel = fit_slots(comm, weights, sum(int(np.prod(shape)) * kind.itemsize for shape, kind in one), parallel,
+                             f"{self.max_seq_len:,} tokens ({kv_type})")
         layout = attention.kv_layout((cfg.num_hidden_layers, parallel), self.shard.n_kv_heads, self.max_seq_len,
-                                     cfg.head_dim, KV_TYPES[kv_type])  # before the weights: it may refuse q8
+                                     cfg.head_dim, attention.KV_TYPES[kv_type])
         self.weights = self._load_weights(mf, progress, pack_cache, preload)
         caches = [np.zeros(shape, kind) for shape, kind in layout]
         self.kv_bytes = sum(a.nbytes for a in caches)
@@ -111,14 +115,15 @@ class Engine:
     def load(cls, path: str, max_seq_len: int = 4096, nthreads: int | None = None, kv_type: str = "f16",
              moe_split: str = "ffn", comm: LocalComm | MPIComm | None = None, supervisor: Supervisor | None = None,
              progress: bool = False, pack_cache: str | None = None, preload: bool = False,
-             parallel: int = 1, comm_type: str = "f32", output: str = "split", shares: str | None = None,
+             parallel: int | None = 1, comm_type: str = "f32", output: str = "split", shares: str | None = None,
              routing: str = "root") -> Engine:
         """Open `path` and load this rank's shard (call on every rank). nthreads defaults to this host's cores
         divided by the ranks on it; supervisor: the job's (see supervisor.py; made here when there are several
         ranks and none is given), so that a failure on any rank, here or in `serve_forever`, stops every rank
         with rank 0 naming it; progress shows a bar over the layers; pack_cache is a directory for the pack
         cache (see packcache.py), None for none; preload reads a mapped pack cache in whole before the first
-        token (else its pages arrive as the experts are first used)."""
+        token (else its pages arrive as the experts are first used); parallel: KV cache slots, None for as many as
+        fit each host up to footprint.DEFAULT_SLOTS (a number that does not fit is refused: footprint.fit_slots)."""
         comm = comm or make_comm()
         if supervisor is None and comm.size > 1:
             supervisor = Supervisor(comm)

@@ -6,22 +6,29 @@ Counted: the packed arrays a rank's kernels read (the layouts of kernels.py, pad
 norms, the KV cache, and the buffers of a decode step and of one prefill of `prompt_len` tokens (model.py's
 RunState). Not counted: the token embedding (rank 0 reads the rows it needs from the mapped file, a few
 pages), Python, numba and MPI themselves (about 0.4 GB a rank), and the page cache.
+
+The engine checks its KV cache against the host before it allocates one (`fit_slots`): numpy reserves it lazily,
+so a cache too large for the host would start, fill as requests come, and get the ranks killed mid-serving.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from dmoe import attention
 from dmoe.config import ModelConfig
-from dmoe.engine import KV_TYPES
 from dmoe.kernels import ExpertWeights, layout_runs, packed_format
 from dmoe.model import DECODE_CAPACITY, RunState
 from dmoe.plan import RankShard, ShardPlan, parse_shares
 from dmoe.weights import sliced_type
+
+DEFAULT_SLOTS = 4  # KV cache slots when --parallel is not given: as many as fit each host, up to this many
+RUNTIME_BYTES = 400_000_000  # a rank's Python, numba and MPI, beside what RankFootprint counts
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def footprint(cfg: ModelConfig, types: dict[str, QT], plan: ShardPlan, max_seq_l
     seq = min(max_seq_len, cfg.max_position_embeddings)
     for shard in plan.shards:
         layout = attention.kv_layout((cfg.num_hidden_layers, parallel), shard.n_kv_heads, seq, cfg.head_dim,
-                                     KV_TYPES[kv_type])
+                                     attention.KV_TYPES[kv_type])
         kv = sum(int(np.prod(shape)) * kind.itemsize for shape, kind in layout)
         states = [RunState(cfg, shard, capacity, seq, threads)  # sized, never touched
                   for capacity in (DECODE_CAPACITY, max(DECODE_CAPACITY, prompt_len))]
@@ -104,3 +111,35 @@ def report(cfg: ModelConfig, types: dict[str, QT], what: str, ranks: list[int], 
                      f"{sum(r.total for r in rows) / gb:>8.2f}")
     lines.append("Not counted: about 0.4 GB a rank of Python, numba and MPI; rank 0 also maps the token embedding.")
     return "\n".join(lines)
+
+
+def host_memory() -> int:
+    """This host's memory in bytes: its physical pages, or a container's cgroup (v2) limit where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def fit_slots(comm: Any, fixed: int, slot: int, parallel: int | None, what: str) -> int:
+    """The KV cache slots of `what` (e.g. "4,096 tokens (f16)") that every rank allocates: `parallel`, or for None
+    as many as fit every host, up to DEFAULT_SLOTS. A rank needs `fixed` bytes (its weights) and `slot` bytes a
+    slot, besides RUNTIME_BYTES; the ranks on one host share its memory. A collective (every rank calls it, and
+    all get the same answer or the same ValueError)."""
+    hosts: dict[str, tuple[int, int, int]] = {}
+    for host, memory, need, per_slot in comm.allgather_obj((comm.host, host_memory(), fixed + RUNTIME_BYTES, slot)):
+        _, need0, slot0 = hosts.get(host, (memory, 0, 0))
+        hosts[host] = (memory, need0 + need, slot0 + per_slot)
+    room = {host: (memory - need) // per_slot if per_slot else DEFAULT_SLOTS
+            for host, (memory, need, per_slot) in hosts.items()}
+    host = min(room, key=room.__getitem__)
+    slots = min(DEFAULT_SLOTS, room[host]) if parallel is None else parallel
+    if slots < 1 or slots > room[host]:
+        memory, need, per_slot = hosts[host]
+        raise ValueError(f"{max(slots, 1)} KV cache slot(s) of {what} and the weights need "
+                         f"{(need + max(slots, 1) * per_slot) / 1e9:.1f} GB on {host}, which has {memory / 1e9:.1f} GB "
+                         f"({per_slot / 1e6:,.0f} MB a slot): lower --parallel or --max-seq-len, or use --kv-type q8")
+    return slots

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmoe.cli import DEMO_MODEL
 from dmoe.engine import Engine
-from dmoe.footprint import footprint
+from dmoe.footprint import DEFAULT_SLOTS, fit_slots, footprint
 from dmoe.kernels import ExpertWeights, RowStack
 from dmoe.modelfile import ModelFile
 from dmoe.packcache import PackStore
@@ -69,3 +70,45 @@ def test_launch_plan_for_a_config() -> None:
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.startswith("dmoe: error: /nonexistent.json"), bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+class _Ranks:
+    """What fit_slots reads of a communicator: every rank's (host, memory, need, slot) as given (the caller's own
+    figures are not asked for)."""
+
+    def __init__(self, shares: list[tuple[str, int, int, int]]) -> None:
+        self.shares, self.host = shares, shares[0][0]
+
+    def allgather_obj(self, obj: object) -> list[tuple[str, int, int, int]]:
+        return self.shares
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize(("shares", "parallel", "slots"), [
+    ([("a", 10 * GB, 4 * GB, GB)], None, 4),  # room for 6: the default's 4
+    ([("a", 10 * GB, 7_500_000_000, GB)], None, 2),  # room for 2.5
+    ([("a", 10 * GB, 4 * GB, GB)], 5, 5),  # asked for, and they fit
+    ([("a", 10 * GB, 3 * GB, GB), ("a", 10 * GB, 3 * GB, GB)], None, 2),  # one host's memory for both ranks
+    ([("a", 10 * GB, 3 * GB, GB), ("b", 10 * GB, 3 * GB, GB)], None, 4),  # each its own host
+    ([("a", 10 * GB, 3 * GB, GB), ("b", 5 * GB, 3 * GB, GB)], None, 2),  # the smallest room decides
+])
+def test_slots_fit_every_host(shares: list[tuple[str, int, int, int]], parallel: int | None, slots: int) -> None:
+    assert fit_slots(_Ranks(shares), 0, 0, parallel, "8 tokens (f16)") == slots
+
+
+@pytest.mark.parametrize("parallel", [None, 7])
+def test_slots_that_do_not_fit_are_refused(parallel: int | None) -> None:
+    ranks = _Ranks([("a", 10 * GB, 9_800_000_000, GB)])
+    with pytest.raises(ValueError, match=r"KV cache slot\(s\) of 8 tokens \(f16\) and the weights need .* GB on a, "
+                                         r"which has 10.0 GB \(1,000 MB a slot\): lower --parallel"):
+        fit_slots(ranks, 0, 0, parallel, "8 tokens (f16)")
+
+
+def test_the_engine_sizes_its_cache_to_the_host() -> None:
+    """No --parallel: the default 4 slots (the demo model's fit any host); a number no host holds: one line, before
+    anything is allocated."""
+    assert Engine.load(DEMO_MODEL, nthreads=1, parallel=None, pack_cache=None).parallel == DEFAULT_SLOTS
+    with pytest.raises(ValueError, match="lower --parallel or --max-seq-len"):
+        Engine.load(DEMO_MODEL, nthreads=1, parallel=10**9, pack_cache=None)
