@@ -69,8 +69,8 @@ class Engine:
         self.is_root = comm.rank == 0
         one = attention.kv_layout((cfg.num_hidden_layers, 1), self.shard.n_kv_heads, self.max_seq_len, cfg.head_dim,
                                   attention.KV_TYPES[kv_type])  # before the weights: it may refuse q8
-        weights = weight_bytes(cfg, {name: t.qtype for name, t in mf.tensors.items()}, self.shard)
-        parallel = fit_slots(comm, weights, sum(int(np.prod(shape)) * kind.itemsize for shape, kind in one), parallel,
+        packed = weight_bytes(cfg, {name: t.qtype for name, t in mf.tensors.items()}, self.shard)
+        parallel = fit_slots(comm, packed, sum(int(np.prod(shape)) * kind.itemsize for shape, kind in one), parallel,
                              f"{self.max_seq_len:,} tokens ({kv_type})")
         layout = attention.kv_layout((cfg.num_hidden_layers, parallel), self.shard.n_kv_heads, self.max_seq_len,
                                      cfg.head_dim, attention.KV_TYPES[kv_type])

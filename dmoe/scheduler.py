@@ -35,7 +35,7 @@ from dmoe.toolcalls import ToolCallParser
 STEP_TOKENS = SHARED_STEP_TOKENS  # tokens a step at most, decodes first: bounds how long a chunk delays the others
 MAX_PAUSE_S = 1.0  # serve's --max-pause: how long a step that reads prompts beside decoding streams aims to take
 MIN_CHUNK = 64  # prompt tokens a step at least beside decoding streams: a smaller chunk reads almost as many
-# expert bytes (64 tokens route to ~127 of 128 experts) for less work, and a long prompt would crawl
+# expert bytes (64 tokens route to ~126 of 128 experts) for less work, and a long prompt would crawl
 IDLE_POLL_S = 0.1  # how often an idle scheduler looks at the stop flag
 
 
@@ -161,7 +161,7 @@ class Scheduler:
             self.running.remove(r)
             self.ended(r.job, "cancelled", r.gen.stats)
 
-    def budget(self, decoding: int) -> int:
+    def _budget(self, decoding: int) -> int:
         """Tokens for a step with `decoding` sequences decoding: all of step_tokens while none decodes (a prompt
         alone goes at full speed), else what the recent rate gets through in max_pause, within
         [decoding + MIN_CHUNK, step_tokens]."""
@@ -172,7 +172,7 @@ class Scheduler:
     def _step(self) -> None:
         """One forward step of every decoding sequence and as much pending prompt as the budget leaves."""
         batch, members = [], []
-        budget = self.budget(sum(len(r.gen.pending) == 1 for r in self.running))
+        budget = self._budget(sum(len(r.gen.pending) == 1 for r in self.running))
         for r in sorted(self.running, key=lambda r: len(r.gen.pending) > 1):  # decodes first, then prompts in order
             if budget <= 0:
                 break
