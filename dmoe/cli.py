@@ -226,7 +226,8 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--nthreads must be >= 1")
     if getattr(args, "steps", 1) < 1:
         problems.append("--steps must be >= 1")
-    if (getattr(args, "parallel", 1) or 1) < 1:
+    parallel = getattr(args, "parallel", 1)  # None: serve's default, as many as fit
+    if parallel is not None and parallel < 1:
         problems.append("--parallel must be >= 1")
     if args.command == "generate":
         if (args.prompt is None) == (args.prompt_ids is None):

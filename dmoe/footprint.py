@@ -13,6 +13,7 @@ so a cache too large for the host would start, fill as requests come, and get th
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,7 @@ def fit_slots(comm: Any, fixed: int, slot: int, parallel: int | None, what: str)
     for host, memory, need, per_slot in comm.allgather_obj((comm.host, host_memory(), fixed + RUNTIME_BYTES, slot)):
         _, need0, slot0 = hosts.get(host, (memory, 0, 0))
         hosts[host] = (memory, need0 + need, slot0 + per_slot)
-    room = {host: (memory - need) // per_slot if per_slot else DEFAULT_SLOTS
+    room = {host: (memory - need) // per_slot if per_slot else (math.inf if need <= memory else 0)  # no KV heads
             for host, (memory, need, per_slot) in hosts.items()}
     host = min(room, key=room.__getitem__)
     slots = min(DEFAULT_SLOTS, room[host]) if parallel is None else parallel

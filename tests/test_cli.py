@@ -108,6 +108,14 @@ def test_help_prints_for_every_command(command: str, capsys: pytest.CaptureFixtu
     assert "usage:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["serve", "bench"])
+def test_no_kv_slots_is_refused(command: str) -> None:
+    """serve's --parallel may be left out (as many as fit), but never 0."""
+    flag = ["--parallel", "0"] if command == "serve" else ["--clients", "0"]
+    r = launch(command, *flag)
+    assert r.returncode == 2 and "must be >= 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_ctrl_c_stops_cleanly(long_model) -> None:
     """Interrupted once generating (a model without a tokenizer streams its ids): exit 0, the ids so far."""
     proc = subprocess.Popen([sys.executable, "launch.py", "--model", long_model, "--prompt-ids", "1,2",

@@ -93,17 +93,20 @@ GB = 10**9
     ([("a", 10 * GB, 3 * GB, GB), ("a", 10 * GB, 3 * GB, GB)], None, 2),  # one host's memory for both ranks
     ([("a", 10 * GB, 3 * GB, GB), ("b", 10 * GB, 3 * GB, GB)], None, 4),  # each its own host
     ([("a", 10 * GB, 3 * GB, GB), ("b", 5 * GB, 3 * GB, GB)], None, 2),  # the smallest room decides
+    ([("a", 10 * GB, 3 * GB, GB), ("b", 10 * GB, 3 * GB, 0)], 6, 6),  # b's rank holds no KV heads: no bound there
 ])
 def test_slots_fit_every_host(shares: list[tuple[str, int, int, int]], parallel: int | None, slots: int) -> None:
     assert fit_slots(_Ranks(shares), 0, 0, parallel, "8 tokens (f16)") == slots
 
 
-@pytest.mark.parametrize("parallel", [None, 7])
-def test_slots_that_do_not_fit_are_refused(parallel: int | None) -> None:
-    ranks = _Ranks([("a", 10 * GB, 9_800_000_000, GB)])
+@pytest.mark.parametrize(("parallel", "need", "slot", "per_slot"), [
+    (None, 9_800_000_000, GB, "1,000"), (7, 9_800_000_000, GB, "1,000"),
+    (None, 10_800_000_000, 0, "0"),  # no KV heads on the rank, but weights larger than the host
+])
+def test_slots_that_do_not_fit_are_refused(parallel: int | None, need: int, slot: int, per_slot: str) -> None:
     with pytest.raises(ValueError, match=r"KV cache slot\(s\) of 8 tokens \(f16\) and the weights need .* GB on a, "
-                                         r"which has 10.0 GB \(1,000 MB a slot\): lower --parallel"):
-        fit_slots(ranks, 0, 0, parallel, "8 tokens (f16)")
+                                         rf"which has 10.0 GB \({per_slot} MB a slot\): lower --parallel"):
+        fit_slots(_Ranks([("a", 10 * GB, need, slot)]), 0, 0, parallel, "8 tokens (f16)")
 
 
 def test_the_engine_sizes_its_cache_to_the_host() -> None:
